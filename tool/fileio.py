@@ -1,0 +1,163 @@
+"""Checked reading and atomic writing of every file the pipeline touches.
+
+Reads raise :class:`DataError` naming the file and what is wrong, so a bad input fails
+before hours of compute; writes go to a temporary file in the same folder and are renamed
+into place, so an interrupted run never leaves a half-written output behind.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import pickle
+import tempfile
+from typing import Iterable, Iterator, Mapping
+
+import numpy as np
+from PIL import Image
+
+from tool.contract import VOC_PALETTE
+
+
+class DataError(Exception):
+    """Bad input data: the message names the file and what is wrong."""
+
+
+# --------------------------------------------------------------------------- writing
+@contextlib.contextmanager
+def atomic_path(path: str) -> Iterator[str]:
+    """Yield a temporary path beside ``path``; rename it onto ``path`` if the block succeeds."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    suffix = os.path.splitext(path)[1]
+    handle, tmp_path = tempfile.mkstemp(dir=folder, prefix=".tmp_", suffix=suffix)
+    os.close(handle)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    with atomic_path(path) as tmp_path:
+        with open(tmp_path, "wb") as handle:
+            handle.write(data)
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def save_npy(path: str, obj) -> None:
+    """``np.save`` written atomically; dicts are pickled as SEAM does (load with allow_pickle)."""
+    buffer = io.BytesIO()
+    np.save(buffer, obj, allow_pickle=True)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def save_palette_png(path: str, label: np.ndarray) -> None:
+    """Write a uint8 label map as an 8-bit PNG with the VOC palette."""
+    if label.ndim != 2:
+        raise ValueError(f"{path}: a label map must be 2-D, got shape {label.shape}")
+    image = Image.fromarray(np.ascontiguousarray(label, dtype=np.uint8), mode="P")
+    image.putpalette(VOC_PALETTE.tolist())
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def save_rgb_image(path: str, image: np.ndarray, quality: int = 95) -> None:
+    """Write an HxWx3 uint8 RGB array; the format follows the extension (.jpg or .png)."""
+    fmt = "JPEG" if path.lower().endswith((".jpg", ".jpeg")) else "PNG"
+    buffer = io.BytesIO()
+    options = {"quality": quality} if fmt == "JPEG" else {}
+    Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8)).save(buffer, format=fmt, **options)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+# --------------------------------------------------------------------------- reading
+def read_rgb_image(path: str) -> np.ndarray:
+    """Read an image as HxWx3 uint8 RGB; a missing or corrupt file raises DataError."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: image file does not exist")
+    try:
+        with Image.open(path) as image:
+            return np.asarray(image.convert("RGB"))
+    except (OSError, ValueError, SyntaxError) as error:
+        raise DataError(f"{path}: cannot decode image ({error})") from error
+
+
+def read_label_png(path: str, expected_hw: tuple[int, int] | None = None) -> np.ndarray:
+    """Read a label map PNG as HxW uint8 (palette indices, not colours)."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: label file does not exist")
+    try:
+        with Image.open(path) as image:
+            if image.mode not in ("P", "L", "I", "I;16"):
+                raise DataError(f"{path}: label PNG has mode {image.mode}; expected an indexed (P) or grey (L) map")
+            label = np.asarray(image)
+    except DataError:
+        raise
+    except (OSError, ValueError, SyntaxError) as error:
+        raise DataError(f"{path}: cannot decode label PNG ({error})") from error
+    if label.ndim != 2:
+        raise DataError(f"{path}: label map must be 2-D, got shape {label.shape}")
+    if expected_hw is not None and tuple(label.shape) != tuple(expected_hw):
+        raise DataError(f"{path}: label size {label.shape[0]}x{label.shape[1]} does not match "
+                        f"image size {expected_hw[0]}x{expected_hw[1]}")
+    return label.astype(np.uint8, copy=False)
+
+
+def load_score_dict(path: str, num_keys: int, one_based: bool = False) -> dict[int, np.ndarray]:
+    """Load a CAM dict (0-based keys < num_keys) or CRF dict (keys 0..num_keys, 0 = bg).
+
+    Raises DataError for a missing or unreadable file, a non-dict, a key outside the class
+    range, or values of different sizes.
+    """
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: score dict does not exist")
+    try:
+        loaded = np.load(path, allow_pickle=True)
+        score_dict = loaded.item() if isinstance(loaded, np.ndarray) and loaded.dtype == object else loaded
+    except (OSError, ValueError, EOFError, pickle.UnpicklingError) as error:
+        raise DataError(f"{path}: cannot read .npy ({error})") from error
+    if not isinstance(score_dict, Mapping):
+        raise DataError(f"{path}: expected a dict {{class_index: HxW array}}, got {type(score_dict).__name__}")
+    upper = num_keys + 1 if one_based else num_keys
+    shapes = set()
+    result: dict[int, np.ndarray] = {}
+    for key, value in score_dict.items():
+        if not (isinstance(key, (int, np.integer)) and 0 <= int(key) < upper):
+            raise DataError(f"{path}: key {key!r} is outside the class range 0..{upper - 1}")
+        value = np.asarray(value, dtype=np.float32)
+        if value.ndim != 2:
+            raise DataError(f"{path}: value of key {key} has shape {value.shape}; expected HxW")
+        shapes.add(value.shape)
+        result[int(key)] = value
+    if len(shapes) > 1:
+        raise DataError(f"{path}: values have different sizes {sorted(shapes)}")
+    return result
+
+
+def read_id_list(path: str) -> list[str]:
+    """Read an image-id list (one id per line; a VOC ``id label`` line keeps only the id)."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: list file does not exist")
+    with open(path, encoding="utf-8") as handle:
+        ids = [line.split()[0] for line in handle if line.strip()]
+    if not ids:
+        raise DataError(f"{path}: list is empty")
+    # Some VOC lists name files ('/JPEGImages/2007_000032.jpg'): keep the stem.
+    return [os.path.splitext(os.path.basename(image_id))[0] for image_id in ids]
+
+
+def require_files(paths: Iterable[str], what: str, source: str | None = None) -> None:
+    """Raise one DataError listing the first ten missing files and the count."""
+    missing = [path for path in paths if not os.path.isfile(path)]
+    if missing:
+        origin = f" named in {source}" if source else ""
+        shown = "\n  ".join(missing[:10])
+        more = f"\n  ... and {len(missing) - 10} more" if len(missing) > 10 else ""
+        raise DataError(f"{len(missing)} {what}{origin} do not exist:\n  {shown}{more}")
