@@ -1,0 +1,1 @@
+"""MS COCO 2014 layout (80 classes + background) and list preparation."""

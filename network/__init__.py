@@ -1,0 +1,26 @@
+"""Networks of the pipeline and one table from names to constructors.
+
+Add a model with one line in ``MODELS``; scripts call ``build_model(name, **kwargs)``.
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict
+
+import torch.nn as nn
+
+from network.avc import AVCNet
+from network.resnet38 import ResNet38
+
+MODELS: Dict[str, Callable[..., nn.Module]] = {
+    "resnet38": ResNet38,
+    "avc": AVCNet,
+}
+
+
+def build_model(name: str, **kwargs) -> nn.Module:
+    """Construct the model registered as ``name`` with keyword arguments ``kwargs``."""
+    try:
+        constructor = MODELS[name]
+    except KeyError:
+        raise ValueError(f"unknown model {name!r}; known: {', '.join(sorted(MODELS))}") from None
+    return constructor(**kwargs)

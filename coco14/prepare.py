@@ -1,0 +1,65 @@
+"""Write the id lists and ``cls_labels.npy`` of MS COCO 2014.
+
+    python -m coco14.prepare --coco_root ROOT [--out_dir DIR]
+
+``train.txt`` / ``val.txt`` hold the ids that have both an image (train2014/ or val2014/)
+and a label PNG (SegmentationClass/); the split comes from the id. ``cls_labels.npy`` is
+derived from the label PNGs exactly as for VOC (shared code: ``voc12.prepare``).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from coco14.layout import split_of_id
+from tool.contract import image_ids_in
+from tool.datasets import DatasetInfo, get_dataset_info
+from tool.fileio import DataError
+from voc12.prepare import default_workers, write_prepared_dataset
+
+LOGGER = logging.getLogger(__name__)
+_LIST_OF_SPLIT = {"train2014": "train", "val2014": "val"}
+
+
+def prepare_coco(info: DatasetInfo, workers: int = 1) -> dict[str, list[str]]:
+    """Lists and cls labels of a COCO 2014 root (see the module docstring)."""
+    label_folder = os.path.join(info.root, info.label_dir)
+    labelled_ids = sorted(image_ids_in(label_folder, ".png"))
+    if not labelled_ids:
+        raise DataError(f"{label_folder}: no label PNG found")
+    for image_id in labelled_ids:
+        try:
+            split_of_id(image_id)
+        except DataError as error:
+            raise DataError(f"{os.path.join(label_folder, image_id + '.png')}: {error}") from None
+    usable = [image_id for image_id in labelled_ids if os.path.isfile(info.image_path(image_id))]
+    without_image = len(labelled_ids) - len(usable)
+    if without_image:
+        missing = [image_id for image_id in labelled_ids if not os.path.isfile(info.image_path(image_id))]
+        LOGGER.warning("%d label PNGs in %s have no image and are left out: %s%s", without_image,
+                       label_folder, ", ".join(missing[:10]), " ..." if without_image > 10 else "")
+    split_ids: dict[str, list[str]] = {"train": [], "val": []}
+    for image_id in usable:
+        split_ids[_LIST_OF_SPLIT[split_of_id(image_id)]].append(image_id)
+    return write_prepared_dataset(info, split_ids, usable, training_splits=("train",), workers=workers)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--coco_root", required=True, help="folder with train2014/, val2014/, SegmentationClass/")
+    parser.add_argument("--out_dir", default=None, help="where lists and cls_labels.npy go (default: the root)")
+    parser.add_argument("--workers", type=int, default=default_workers(), help="processes reading labels")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        prepare_coco(get_dataset_info("coco14", args.coco_root, list_dir=args.out_dir), workers=args.workers)
+    except DataError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

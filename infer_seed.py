@@ -1,0 +1,170 @@
+"""Stage 2: seeds from the trained AVC classifier (multi-scale + flip PCM CAMs).
+
+    python infer_seed.py --weights checkpoints/resnet38_avc.pth --voc12_root VOC2012 \
+        --infer_list VOC2012/train.txt --out_cam out/cam --out_crf out/crf --out_cam_pred out/seed
+
+Outputs, in SEAM's formats (``tool/contract.py``): CAM dicts ``<out_cam>/<id>.npy``; seed PNGs
+``<out_cam_pred>/<id>.png`` (background score ``--out_cam_pred_alpha``); CRF dicts for each
+``--crf_alphas`` value in ``<out_crf>_<alpha>/<id>.npy`` (AffinityNet's low/high-alpha labels);
+with ``--out_vis``, CAM overlays and a PCM affinity picture per image. Images whose outputs
+all exist are skipped, so an interrupted run resumes. ``--shard K/N`` or ``torchrun`` split the
+list; the CRF runs in a process pool beside the network.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from multiprocessing import get_context
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from network.avc import AVCNet
+from network.weights import load_trained, saved_model_args
+from tool.cam import cam_dict_from, fuse_cams, seed_from_cam_dict
+from tool.cli import add_dataset_args, add_shard_args, non_negative_int, run_cli, shard_list
+from tool.contract import HIGH_ALPHA, LOW_ALPHA, crf_dir
+from tool.crf import write_crf_dicts
+from tool.datasets import get_dataset_info
+from tool.distributed import cleanup, setup_distributed
+from tool.fileio import read_id_list, save_npy, save_palette_png, save_rgb_image
+from tool.logs import save_config, setup_logging
+from tool.multiscale import forward_views
+from tool.vis import affinity_matrix_picture, cam_overlay, label_overlay, tile_row
+from voc12.data import MultiScaleDataset, collate_single
+
+logger = logging.getLogger("infer_seed")
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_dataset_args(parser)
+    add_shard_args(parser)
+    parser.add_argument("--weights", required=True, help="trained AVC/SEAM classifier (.pth)")
+    parser.add_argument("--width_mult", type=float, default=None,
+                        help="backbone width (default: the value saved in the checkpoint, else 1.0)")
+    parser.add_argument("--infer_list", default=None, help="image ids (default: <root>/train.txt)")
+    parser.add_argument("--scales", type=float, nargs="+", default=(0.5, 1.0, 1.5, 2.0))
+    parser.add_argument("--out_cam", default=None, help="folder for the CAM dicts (.npy)")
+    parser.add_argument("--out_cam_pred", default=None, help="folder for the seed PNGs")
+    parser.add_argument("--out_cam_pred_alpha", type=float, default=0.26,
+                        help="background score of the seed PNGs (SEAM: 0.26; take the best "
+                             "threshold of 'evaluation.py --curve')")
+    parser.add_argument("--out_crf", default=None,
+                        help="prefix of the CRF dict folders (<out_crf>_4.0, <out_crf>_24.0)")
+    parser.add_argument("--crf_alphas", type=float, nargs="+", default=(LOW_ALPHA, HIGH_ALPHA),
+                        help="background exponents of the CRF dicts (low and high alpha)")
+    parser.add_argument("--out_vis", default=None, help="folder for CAM overlays and affinity pictures")
+    parser.add_argument("--num_workers", type=non_negative_int, default=4,
+                        help="data-loading workers and CRF processes")
+    parser.add_argument("--log_dir", default=None, help="where the run's configuration and log go "
+                                                        "(default: the first output folder)")
+    args = parser.parse_args(argv)
+    if not (args.out_cam or args.out_cam_pred or args.out_crf or args.out_vis):
+        parser.error("nothing to write: give at least one of --out_cam --out_cam_pred --out_crf --out_vis")
+    return args
+
+
+def output_paths(args: argparse.Namespace, image_id: str) -> list[str]:
+    """Every file this run writes for one image: the image is done when they all exist."""
+    paths = []
+    if args.out_cam:
+        paths.append(os.path.join(args.out_cam, f"{image_id}.npy"))
+    if args.out_cam_pred:
+        paths.append(os.path.join(args.out_cam_pred, f"{image_id}.png"))
+    if args.out_crf:
+        paths += [os.path.join(crf_dir(args.out_crf, alpha), f"{image_id}.npy") for alpha in args.crf_alphas]
+    if args.out_vis:
+        paths.append(os.path.join(args.out_vis, f"{image_id}.jpg"))
+    return paths
+
+
+def build_model(args: argparse.Namespace, num_classes: int, device: torch.device) -> AVCNet:
+    width_mult = args.width_mult or saved_model_args(args.weights).get("width_mult", 1.0)
+    model = AVCNet(num_classes=num_classes, width_mult=width_mult)
+    load_trained(model, args.weights)
+    model.eval().to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def visualise(model: AVCNet, item: dict, cam_dict: dict, seed: np.ndarray, device: torch.device) -> np.ndarray:
+    """CAM overlays, the seed, and the PCM affinity of the unflipped scale-1 view sorted by seed class."""
+    image = item["image"]
+    pictures = [image] + [cam_overlay(image, cam_dict[key]) for key in sorted(cam_dict)]
+    pictures.append(label_overlay(image, seed))
+    view = item["views"][min(range(len(item["views"])),
+                             key=lambda index: abs(item["views"][index].shape[-1] - image.shape[1]))]
+    with torch.inference_mode():
+        output = model(view[:1].to(device))
+    affinity = output["affinity"][0].float().cpu().numpy()
+    seed_small = F.interpolate(torch.from_numpy(seed)[None, None].float(), size=output["cam"].shape[-2:],
+                               mode="nearest")[0, 0].numpy()
+    picture = affinity_matrix_picture(affinity, seed_small, size=image.shape[0])
+    return tile_row(pictures + [picture])
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    dist = setup_distributed()
+    try:
+        log_dir = args.log_dir or next(p for p in (args.out_cam, args.out_cam_pred, args.out_crf, args.out_vis) if p)
+        setup_logging(os.path.join(log_dir, "infer_seed.log"), dist.is_main)
+        if dist.is_main:
+            save_config(args, os.path.join(log_dir, "infer_seed_config.json"))
+        info = get_dataset_info(args.dataset, args.voc12_root)
+        infer_list = args.infer_list or info.list_path("train")
+        ids = shard_list(read_id_list(infer_list), args.shard, dist)
+        todo = [image_id for image_id in ids
+                if not all(os.path.isfile(path) for path in output_paths(args, image_id))]
+        logger.info("%d of %d images to do (%d already done)", len(todo), len(ids), len(ids) - len(todo))
+        if not todo:
+            return
+        dataset = MultiScaleDataset(info, todo, info.load_cls_labels(), scales=args.scales, source=infer_list)
+        model = build_model(args, info.num_classes, dist.device)
+
+        def class_cams(batch: torch.Tensor) -> torch.Tensor:
+            return model.forward_cam(batch)[:, 1:]  # drop the background channel, as SEAM
+
+        loader = torch.utils.data.DataLoader(dataset, batch_size=1, collate_fn=collate_single,
+                                             num_workers=args.num_workers)
+        crf_pool = get_context("spawn").Pool(args.num_workers) if args.out_crf and args.num_workers > 0 else None
+        pending = []
+        for item in tqdm(loader, desc="seeds", disable=not dist.is_main, dynamic_ncols=True):
+            image_id, image, label = item["id"], item["image"], item["label"].numpy()
+            view_cams = forward_views(class_cams, item["views"], image.shape[:2], align_corners=False,
+                                      device=dist.device)
+            cam_dict = cam_dict_from(fuse_cams(view_cams.float().cpu().numpy(), label), label)
+            seed = seed_from_cam_dict(cam_dict, info.num_classes, args.out_cam_pred_alpha, image.shape[:2])
+            if args.out_cam:
+                save_npy(os.path.join(args.out_cam, f"{image_id}.npy"), cam_dict)
+            if args.out_cam_pred:
+                save_palette_png(os.path.join(args.out_cam_pred, f"{image_id}.png"), seed)
+            if args.out_vis:
+                save_rgb_image(os.path.join(args.out_vis, f"{image_id}.jpg"),
+                               visualise(model, item, cam_dict, seed, dist.device))
+            if args.out_crf:
+                crf_args = (image, cam_dict, image_id, args.out_crf, args.crf_alphas)
+                if crf_pool is None:
+                    write_crf_dicts(*crf_args)
+                else:
+                    pending.append(crf_pool.apply_async(write_crf_dicts, crf_args))
+                    # Bound the queue so images do not pile up in memory ahead of the CRF.
+                    while len(pending) > 4 * args.num_workers:
+                        pending.pop(0).get()
+        if crf_pool is not None:
+            for job in tqdm(pending, desc="crf", disable=not dist.is_main, dynamic_ncols=True):
+                job.get()
+            crf_pool.close()
+            crf_pool.join()
+    finally:
+        cleanup()
+
+
+if __name__ == "__main__":
+    run_cli(main)

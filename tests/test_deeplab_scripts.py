@@ -1,0 +1,235 @@
+"""train_deeplab.py / test_deeplab.py on a 4-image synthetic set: learning, bit-exact resume,
+multi-scale fusion, the VOC submission layout, skip-existing and a 2-process torchrun run."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import test_deeplab
+import train_deeplab
+from tool.datasets import get_dataset_info
+from tool.fileio import atomic_write_text, read_label_png, save_palette_png, save_rgb_image
+from tool.training import Trainer, read_checkpoint
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SIZE = 32
+TRAIN_IDS = [f"img{i}" for i in range(4)]
+# Background is blue-ish, class 1 red, class 2 green: learnable from colour in a few steps.
+COLOURS = {0: (40, 60, 200), 1: (210, 40, 40), 2: (40, 200, 60)}
+TINY = ["--width_mult", "0.0625", "--num_workers", "0", "--crop_size", str(SIZE)]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny convolutions run fastest on one thread (and do not fight other jobs for the cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _write_sample(root: str, image_id: str, rng: np.random.Generator, with_gt: bool = True) -> np.ndarray:
+    label = np.zeros((SIZE, SIZE), np.uint8)
+    for class_id in (1, 2):
+        top, left = rng.integers(0, SIZE - 12, size=2)
+        height, width = rng.integers(8, 13, size=2)
+        label[top:top + height, left:left + width] = class_id
+    palette = np.asarray([COLOURS[c] for c in range(3)], np.float64)
+    image = np.clip(palette[label] + rng.normal(0, 12, (SIZE, SIZE, 3)), 0, 255).astype(np.uint8)
+    save_rgb_image(os.path.join(root, "JPEGImages", f"{image_id}.jpg"), image)
+    if with_gt:
+        save_palette_png(os.path.join(root, "SegmentationClass", f"{image_id}.png"), label)
+    return label
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> dict[str, str]:
+    """A synthetic VOC-layout root: 4 labelled images, pseudo masks, and 1 image without gt."""
+    base = tmp_path_factory.mktemp("deeplab_data")
+    root, pseudo_dir = str(base / "root"), str(base / "pseudo")
+    atomic_write_text(os.path.join(root, "class_names.txt"), "background\nred\ngreen\n")
+    rng = np.random.default_rng(0)
+    for image_id in TRAIN_IDS:
+        label = _write_sample(root, image_id, rng)
+        pseudo = label.copy()
+        pseudo[:2] = 255  # unsure pixels, as a pseudo mask has them: ignored by the loss
+        save_palette_png(os.path.join(pseudo_dir, f"{image_id}.png"), pseudo)
+    _write_sample(root, "test0", rng, with_gt=False)
+    paths = {"root": root, "pseudo": pseudo_dir, "train": str(base / "train.txt"),
+             "val": str(base / "val.txt"), "test": str(base / "test.txt")}
+    atomic_write_text(paths["train"], "\n".join(TRAIN_IDS) + "\n")
+    atomic_write_text(paths["val"], "\n".join(TRAIN_IDS[:2]) + "\n")
+    atomic_write_text(paths["test"], "test0\n")
+    return paths
+
+
+def _train_argv(data: dict[str, str], save_dir: str, session: str, *extra: str) -> list[str]:
+    return ["--dataset", "synthetic", "--voc12_root", data["root"], "--train_list", data["train"],
+            "--pseudo_dir", data["pseudo"], "--save_dir", save_dir, "--session_name", session,
+            "--batch_size", "2", *TINY, *extra]
+
+
+def _losses(save_dir: str, session: str) -> list[float]:
+    with open(os.path.join(save_dir, f"{session}_log.csv"), newline="") as handle:
+        return [float(row["loss"]) for row in csv.DictReader(handle)]
+
+
+@pytest.fixture(scope="module")
+def trained(dataset, tmp_path_factory) -> dict[str, str]:
+    """One short from-scratch run with validation, shared by the tests that need a checkpoint."""
+    save_dir = str(tmp_path_factory.mktemp("deeplab_run"))
+    argv = _train_argv(dataset, save_dir, "fit", "--max_iters", "24", "--lr", "0.01", "--bn_momentum", "0.1",
+                       "--val_list", dataset["val"], "--val_every", "12")
+    train_deeplab.run(train_deeplab.parse_args(argv))
+    return {"save_dir": save_dir, "weights": os.path.join(save_dir, "fit.pth")}
+
+
+def test_training_lowers_the_loss_and_writes_its_records(trained):
+    losses = _losses(trained["save_dir"], "fit")
+    assert len(losses) == 24 and all(np.isfinite(losses))
+    assert np.mean(losses[-6:]) < 0.7 * np.mean(losses[:6])
+    final = read_checkpoint(trained["weights"])
+    assert final["step"] == 24
+    assert final["args"]["pseudo_dir"].endswith("pseudo")
+    with open(os.path.join(trained["save_dir"], "fit_config.json")) as handle:
+        assert json.load(handle)["max_iters"] == 24
+    with open(os.path.join(trained["save_dir"], "fit_val.csv"), newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [int(row["step"]) for row in rows] == [12, 24]
+    assert all(0.0 <= float(row["miou"]) <= 1.0 for row in rows)
+
+
+class _Crash(Exception):
+    pass
+
+
+def test_resume_continues_bit_exactly(dataset, tmp_path, monkeypatch):
+    schedule = ("--max_iters", "5", "--save_every", "1", "--lr", "0.01")
+    argv = _train_argv(dataset, str(tmp_path), "run", *schedule)
+    straight = train_deeplab.run(train_deeplab.parse_args(_train_argv(dataset, str(tmp_path), "straight", *schedule)))
+
+    original_step = Trainer.step
+
+    def crash_after_step_3(self, loss, terms):
+        original_step(self, loss, terms)
+        if self.global_step == 3:  # mid-epoch (2 steps per epoch): the resume must skip batches
+            raise _Crash()
+
+    monkeypatch.setattr(Trainer, "step", crash_after_step_3)
+    with pytest.raises(_Crash):
+        train_deeplab.run(train_deeplab.parse_args(argv))
+    monkeypatch.setattr(Trainer, "step", original_step)
+    assert read_checkpoint(os.path.join(tmp_path, "run_last.pth"))["step"] == 3
+    resumed = train_deeplab.run(train_deeplab.parse_args(argv + ["--resume", "auto"]))
+
+    for key, value in straight.state_dict().items():
+        assert torch.equal(value, resumed.state_dict()[key]), key
+    assert _losses(str(tmp_path), "straight") == _losses(str(tmp_path), "run")
+
+
+class _ToyNet(torch.nn.Module):
+    """Stride-2 conv: not flip-symmetric, and its output needs upsampling."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 3, 3, stride=2, padding=1)
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.linspace(-1, 1, 81).reshape(3, 3, 3, 3))
+            self.conv.bias.copy_(torch.tensor([0.1, -0.2, 0.3]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+def test_multiscale_flip_fusion_equals_hand_computed_average(dataset):
+    info = get_dataset_info("synthetic", dataset["root"])
+    scales = (0.5, 0.75, 1.0, 1.5)
+    item = test_deeplab.DeepLabTestDataset(info, ["img0"], scales, flip=True)[0]
+    model = _ToyNet().eval()
+    probs = test_deeplab.predict_probabilities(model, item["views"], (SIZE, SIZE))
+
+    normalized = (item["image"].astype(np.float32) / 255 - np.array([0.485, 0.456, 0.406], np.float32)) \
+        / np.array([0.229, 0.224, 0.225], np.float32)
+    total = torch.zeros(3, SIZE, SIZE)
+    with torch.no_grad():
+        for scale in scales:
+            scaled = torch.from_numpy(np.ascontiguousarray(test_deeplab.scaled_view(normalized, scale)))
+            scaled = scaled.permute(2, 0, 1)[None]
+            assert scaled.shape[-1] == round(SIZE * scale)
+            for flipped in (False, True):
+                view = scaled.flip(-1) if flipped else scaled
+                logits = F.interpolate(model(view), size=(SIZE, SIZE), mode="bilinear", align_corners=True)
+                total += (logits.flip(-1) if flipped else logits)[0]
+    expected = torch.softmax(total / (2 * len(scales)), dim=0).numpy()
+    assert probs.shape == (3, SIZE, SIZE)
+    np.testing.assert_allclose(probs, expected, rtol=1e-5, atol=1e-6)
+    label = test_deeplab.label_from_probabilities(item["image"], probs, crf=False)
+    np.testing.assert_array_equal(label, expected.argmax(0))
+
+
+def test_submission_layout_evaluation_and_skip_existing(dataset, trained, tmp_path):
+    out_dir = str(tmp_path / "pred")
+    common = ["--dataset", "synthetic", "--voc12_root", dataset["root"], "--weights", trained["weights"],
+              "--out_dir", out_dir, "--width_mult", "0.0625", "--num_workers", "0", "--scales", "0.75", "1.0"]
+    results = test_deeplab.run(test_deeplab.parse_args(common + ["--infer_list", dataset["train"], "--submission"]))
+    assert results is not None and results["num_images"] == 4 and 0.0 <= results["miou"] <= 1.0
+    server_dir = os.path.join(out_dir, "results", "VOC2012", "Segmentation", "comp6_test_cls")
+    assert sorted(os.listdir(server_dir)) == [f"{image_id}.png" for image_id in TRAIN_IDS]
+    for image_id in TRAIN_IDS:
+        with Image.open(os.path.join(server_dir, f"{image_id}.png")) as picture:
+            assert picture.mode == "P" and picture.size == (SIZE, SIZE)
+        main_png = read_label_png(os.path.join(out_dir, f"{image_id}.png"))
+        np.testing.assert_array_equal(main_png, read_label_png(os.path.join(server_dir, f"{image_id}.png")))
+        assert main_png.max() <= 2
+
+    stamps = {name: os.stat(os.path.join(out_dir, name)).st_mtime_ns for name in os.listdir(out_dir)
+              if name.endswith(".png")}
+    test_deeplab.run(test_deeplab.parse_args(common + ["--infer_list", dataset["train"], "--submission"]))
+    assert stamps == {name: os.stat(os.path.join(out_dir, name)).st_mtime_ns for name in stamps}
+
+    # An image without ground truth (a test-set image) is segmented but not evaluated.
+    assert test_deeplab.run(test_deeplab.parse_args(common + ["--infer_list", dataset["test"], "--no-crf"])) is None
+    assert read_label_png(os.path.join(out_dir, "test0.png")).shape == (SIZE, SIZE)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_process_torchrun_keeps_identical_weights(dataset, tmp_path):
+    driver = tmp_path / "driver.py"
+    driver.write_text(
+        "import os, sys, torch\nimport train_deeplab\n"
+        "model = train_deeplab.run(train_deeplab.parse_args(sys.argv[1:]))\n"
+        "torch.save(model.state_dict(), os.path.join(os.path.dirname(__file__), f\"rank{os.environ['RANK']}.pt\"))\n")
+    env = {key: value for key, value in os.environ.items()
+           if key not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=REPO_ROOT)
+    # From scratch, so BatchNorm running statistics train too and must also agree.
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+               "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(driver),
+               *_train_argv(dataset, str(tmp_path / "ddp"), "ddp", "--max_iters", "2", "--batch_size", "4",
+                            "--bn_momentum", "0.1")]
+    result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rank0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    rank1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    assert rank0.keys() == rank1.keys()
+    for key in rank0:
+        assert torch.equal(rank0[key], rank1[key]), key
+    final = read_checkpoint(str(tmp_path / "ddp" / "ddp.pth"))
+    assert final["step"] == 2
+    for key, value in final["model"].items():
+        assert torch.equal(value, rank0[key]), key

@@ -1,0 +1,116 @@
+"""Sparse random walk (tool/random_walk.py) against the reference vectors and the dense baseline."""
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from bench.dense_rw_baseline import dense_affinity, dense_random_walk, dense_transition
+from network.affinity import pair_affinities
+from tool.fileio import DataError
+from tool.random_walk import (AffinityGraph, random_walk, random_walk_cam_dict, random_walk_labels,
+                              rw_scores_from_cam_dict, walk_operator)
+
+REFERENCE = "/work/shared/reference"
+RW_CASES = ["rw_a6_t8", "rw_a6_t6", "rw_a24_t8", "rw_a24_t6"]
+
+
+def reference(name: str):
+    path = os.path.join(REFERENCE, name)
+    if not os.path.isfile(path):
+        pytest.skip(f"reference vector {path} not available")
+    return np.load(path)
+
+
+def reference_graph() -> AffinityGraph:
+    common = reference("rw_common.npz")
+    return AffinityGraph.from_pairs(torch.from_numpy(common["aff_pairs"][0]), 5, (12, 15))
+
+
+def reference_cam_dict() -> dict:
+    common = reference("rw_common.npz")
+    return {int(k): v for k, v in zip(common["cam_keys"], common["cam_values"])}
+
+
+def random_graph(radius: int, h: int, w: int, seed: int) -> AffinityGraph:
+    """Affinities of a piecewise-constant feature map plus noise, as AffinityNet would give."""
+    rng = np.random.default_rng(seed)
+    regions = (np.arange(h)[:, None] * 3 // h) * 2 + (np.arange(w)[None, :] * 2 // w)
+    features = rng.normal(size=(6, 8))[regions] + 0.2 * rng.normal(size=(h, w, 8))
+    features = torch.from_numpy(features.transpose(2, 0, 1)[None].astype(np.float32))
+    return AffinityGraph.from_pairs(pair_affinities(features, radius)[0], radius, (h, w))
+
+
+def test_dense_baseline_reproduces_reference_matrices():
+    graph = reference_graph()
+    common, data = reference("rw_common.npz"), reference("rw_a6_t8.npz")
+    np.testing.assert_array_equal(dense_affinity(graph).numpy(), common["aff_dense"])
+    np.testing.assert_allclose(dense_transition(graph, 8, 8).numpy(), data["trans_mat"], atol=5e-5, rtol=1e-4)
+
+
+def test_walk_operator_is_sparse_transposed_transition():
+    graph, data = reference_graph(), reference("rw_a6_t8.npz")
+    operator = walk_operator(graph, beta=8)
+    assert operator.layout == torch.sparse_csr
+    assert operator._nnz() == graph.num_nodes + 2 * graph.ind_to.numel()
+    np.testing.assert_allclose(operator.to_dense().t().numpy(), data["trans_mat0"], atol=1e-6)
+
+
+@pytest.mark.parametrize("case", RW_CASES)
+def test_random_walk_matches_reference(case):
+    data = reference(f"{case}.npz")
+    alpha, beta, logt = float(data["alpha"]), int(data["beta"]), int(data["logt"])
+    scores = rw_scores_from_cam_dict(reference_cam_dict(), 20, alpha, (90, 117))
+    np.testing.assert_allclose(scores.numpy(), data["cam_pooled"], atol=1e-6)
+    walked = random_walk(reference_graph(), scores, beta, logt)
+    np.testing.assert_allclose(walked.numpy(), data["cam_rw"], atol=5e-5, rtol=1e-4)
+    label = random_walk_labels(walked, (90, 117))
+    assert label.dtype == np.uint8 and label.shape == (90, 117)
+    differ = label != data["label"]
+    assert np.all(data["label_margin"][differ] < 1e-4), "labels differ away from near-ties"
+    assert differ.sum() <= 1
+    whole = random_walk_cam_dict(reference_graph(), reference_cam_dict(), 20, (90, 117), alpha, beta, logt)
+    np.testing.assert_array_equal(whole, label)
+
+
+@pytest.mark.parametrize("radius,h,w,beta,logt,seed", [(5, 13, 17, 8, 8, 0), (3, 8, 8, 8, 6, 1),
+                                                       (5, 20, 11, 4, 5, 2)])
+def test_sparse_walk_equals_dense_baseline(radius, h, w, beta, logt, seed):
+    graph = random_graph(radius, h, w, seed)
+    rng = np.random.default_rng(seed + 100)
+    scores = torch.from_numpy(rng.uniform(0, 1, (21, h, w)).astype(np.float32) ** 3)
+    ours = random_walk(graph, scores, beta, logt)
+    dense = dense_random_walk(graph, scores, beta, logt)
+    np.testing.assert_allclose(ours.numpy(), dense.numpy(), rtol=1e-4, atol=1e-4 * float(dense.abs().max()))
+    image_hw = (h * 8 - 3, w * 8 - 5)
+    np.testing.assert_array_equal(random_walk_labels(ours, image_hw), random_walk_labels(dense, image_hw))
+    # Each walked score is a weighted average of scores (T is column-stochastic).
+    assert ours.min() >= scores.min() - 1e-6 and ours.max() <= scores.max() + 1e-6
+
+
+def test_float32_walk_stays_close():
+    graph, data = reference_graph(), reference("rw_a6_t8.npz")
+    scores = torch.from_numpy(data["cam_pooled"])
+    walked = random_walk(graph, scores, 8, 8, dtype=torch.float32)
+    np.testing.assert_allclose(walked.numpy(), data["cam_rw"], atol=5e-5, rtol=1e-4)
+
+
+def test_scores_background_and_padding():
+    cam = {2: np.full((10, 12), 0.5, np.float32)}
+    scores = rw_scores_from_cam_dict(cam, 4, 2.0, (10, 12))
+    assert scores.shape == (5, 2, 2)
+    # bottom-right cell: 2 x 4 real pixels of the 8 x 8 block, the rest zero padding
+    np.testing.assert_allclose(scores[3, 1, 1].item(), 0.5 * 8 / 64)
+    np.testing.assert_allclose(scores[0, 0, 0].item(), 0.25)
+    assert scores[1].abs().max() == 0
+
+
+def test_bad_inputs_raise():
+    with pytest.raises(DataError, match="class key 7"):
+        rw_scores_from_cam_dict({7: np.zeros((8, 8), np.float32)}, 4, 1.0, (8, 8), source="x.npy")
+    with pytest.raises(DataError, match="x.npy"):
+        rw_scores_from_cam_dict({1: np.zeros((8, 9), np.float32)}, 4, 1.0, (8, 8), source="x.npy")
+    with pytest.raises(DataError, match="affinity graph"):
+        random_walk_cam_dict(reference_graph(), {0: np.zeros((90, 140), np.float32)}, 20, (90, 140), 6.0)
+    with pytest.raises(ValueError):
+        AffinityGraph.from_pairs(torch.zeros(34, 55), 5, (12, 15))

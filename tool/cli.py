@@ -1,0 +1,159 @@
+"""Flags shared by several scripts, declared once.
+
+Each ``add_*_args(parser, **defaults)`` takes the per-script defaults as arguments, so a
+script states its defaults in one call and no flag is re-declared with drifting values.
+``run_cli(main)`` runs a script's main and turns bad input into a one-line message.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any, Callable, Sequence, TypeVar
+
+from tool.datasets import DATASET_NAMES
+from tool.fileio import DataError
+
+T = TypeVar("T")
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
+    return value
+
+
+def add_dataset_args(parser: argparse.ArgumentParser, *, dataset: str = "voc12",
+                     root: str | None = None) -> None:
+    """``--dataset`` and ``--voc12_root`` (SEAM's name for the dataset root, any dataset).
+
+    ``--data_root`` and ``--coco_root`` are aliases; the value lands in ``args.voc12_root``.
+    """
+    group = parser.add_argument_group("dataset")
+    group.add_argument("--dataset", choices=DATASET_NAMES, default=dataset,
+                       help=f"dataset layout (default {dataset})")
+    group.add_argument("--voc12_root", "--data_root", "--coco_root", dest="voc12_root", default=root,
+                       required=root is None, metavar="DIR",
+                       help="dataset root folder (VOC2012, COCO 2014 or a synthetic set)")
+
+
+def add_model_args(parser: argparse.ArgumentParser, *, width_mult: float = 1.0) -> None:
+    """``--width_mult``: channel multiplier of the ResNet38 backbone (1.0 = the published net)."""
+    parser.add_argument("--width_mult", type=positive_float, default=width_mult,
+                        help=f"backbone channel multiplier for small CPU runs (default {width_mult})")
+
+
+def add_training_args(parser: argparse.ArgumentParser, *, batch_size: int, lr: float, wt_dec: float,
+                      crop_size: int, session_name: str, max_epoches: int | None = None,
+                      max_iters: int | None = None, momentum: float = 0.0, num_workers: int = 4,
+                      seed: int = 0, weights: str | None = None, save_dir: str = "checkpoints",
+                      save_every: int = 0) -> None:
+    """Training flags; the script passes its own defaults (e.g. SEAM: batch 8, lr 0.01).
+
+    ``--max_epoches`` is declared when ``max_epoches`` is given, ``--max_iters`` when
+    ``max_iters`` is given (iteration-based DeepLab training).
+    """
+    if max_epoches is None and max_iters is None:
+        raise ValueError("give a default for max_epoches or max_iters")
+    group = parser.add_argument_group("training")
+    group.add_argument("--batch_size", type=positive_int, default=batch_size,
+                       help=f"global batch size, split over torchrun processes (default {batch_size})")
+    if max_epoches is not None:
+        group.add_argument("--max_epoches", type=positive_int, default=max_epoches,
+                           help=f"training epochs (default {max_epoches})")
+    if max_iters is not None:
+        group.add_argument("--max_iters", type=positive_int, default=max_iters,
+                           help=f"training iterations (default {max_iters})")
+    group.add_argument("--lr", type=positive_float, default=lr, help=f"base learning rate (default {lr})")
+    group.add_argument("--wt_dec", type=float, default=wt_dec, help=f"weight decay (default {wt_dec})")
+    group.add_argument("--momentum", type=float, default=momentum, help=f"SGD momentum (default {momentum})")
+    group.add_argument("--crop_size", type=positive_int, default=crop_size,
+                       help=f"training crop size (default {crop_size})")
+    group.add_argument("--weights", default=weights, metavar="PATH",
+                       help="initial weights: ImageNet .params/.pth backbone or a trained .pth")
+    group.add_argument("--session_name", default=session_name,
+                       help=f"name of the checkpoint, log and config files (default {session_name})")
+    group.add_argument("--save_dir", default=save_dir, metavar="DIR",
+                       help=f"folder for checkpoints, CSV log and config (default {save_dir})")
+    group.add_argument("--save_every", type=non_negative_int, default=save_every,
+                       help="also checkpoint every N steps (0: only after each epoch)")
+    group.add_argument("--resume", default=None, metavar="PATH",
+                       help="checkpoint to resume from; 'auto' = <save_dir>/<session>_last.pth if present")
+    group.add_argument("--num_workers", type=non_negative_int, default=num_workers,
+                       help=f"data loader workers per process (default {num_workers})")
+    group.add_argument("--seed", type=int, default=seed, help=f"random seed (default {seed})")
+    group.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
+                       help="bf16 autocast on CUDA (ignored on CPU)")
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``'K/N'`` (1-based K of N) -> (K - 1, N); anything else raises ArgumentTypeError."""
+    parts = text.split("/")
+    if len(parts) != 2:
+        raise argparse.ArgumentTypeError(f"shard must look like K/N (e.g. 1/4), got {text!r}")
+    try:
+        index, count = int(parts[0]), int(parts[1])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"shard K/N needs two integers, got {text!r}") from None
+    if count < 1 or not 1 <= index <= count:
+        raise argparse.ArgumentTypeError(f"shard {text!r}: need 1 <= K <= N")
+    return index - 1, count
+
+
+def add_shard_args(parser: argparse.ArgumentParser) -> None:
+    """``--shard K/N``: process only the K-th of N parts of the image list."""
+    parser.add_argument("--shard", type=parse_shard, default=None, metavar="K/N",
+                        help="process the K-th of N interleaved parts of the list (1-based), "
+                             "e.g. one per machine; combined with torchrun ranks")
+
+
+def shard_list(ids: Sequence[T], shard: tuple[int, int] | None, dist: Any = None) -> list[T]:
+    """This process's part of ``ids``: shard K of N, then rank r of the torchrun world.
+
+    Parts are interleaved (``ids[i::n]``) so every part gets a similar mix of images;
+    the union over all (shard, rank) is ``ids`` exactly once.
+    """
+    index, count = shard if shard is not None else (0, 1)
+    if count < 1 or not 0 <= index < count:
+        raise ValueError(f"shard index {index} outside 0..{count - 1}")
+    rank = getattr(dist, "rank", 0) if dist is not None else 0
+    world_size = getattr(dist, "world_size", 1) if dist is not None else 1
+    return list(ids[index * world_size + rank::count * world_size])
+
+
+def run_cli(main: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | None = None) -> None:
+    """Run ``main(argv)``; bad input (DataError) exits 2 and a NaN loss exits 3, with the message."""
+    from tool.training import NonFiniteLossError  # torch is imported by the scripts anyway
+
+    try:
+        result = main(argv)
+    except DataError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    except NonFiniteLossError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(3)
+    sys.exit(result if isinstance(result, int) else 0)

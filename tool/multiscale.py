@@ -1,0 +1,92 @@
+"""Multi-scale + flip inference, shared by infer_seed.py (CAMs) and test_deeplab.py (logits).
+
+The input is one tensor per scale: ``(2, 3, h_s, w_s)`` = the image and its horizontal
+flip, or ``(1, 3, h_s, w_s)`` without flip. ``forward_views`` runs one forward per scale
+with both flips batched (scales of identical shape share a forward too), upsamples each
+map to the image size in float32, flips the flipped views back and returns the per-view
+maps ``(V, C, H, W)`` in view order (scale-major, flip-minor). On CUDA it uses bf16
+autocast and channels_last input; the model itself should already be in eval mode (and in
+channels_last memory format, which the caller sets once).
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+ModelFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _check_views(views: Sequence[torch.Tensor]) -> None:
+    if not views:
+        raise ValueError("no views given")
+    for index, view in enumerate(views):
+        if view.ndim != 4 or view.shape[0] not in (1, 2):
+            raise ValueError(f"view {index} must be (1 or 2, C, h, w), got {tuple(view.shape)}")
+
+
+def _run_model(model_fn: ModelFn, batch: torch.Tensor, device: torch.device, amp: bool) -> torch.Tensor:
+    batch = batch.to(device, non_blocking=True)
+    if device.type == "cuda":
+        batch = batch.contiguous(memory_format=torch.channels_last)
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and amp
+                else contextlib.nullcontext())
+    with autocast:
+        scores = model_fn(batch)
+    return scores.float()
+
+
+def _to_image_size(scores: torch.Tensor, out_size: tuple[int, int], align_corners: bool) -> torch.Tensor:
+    if tuple(scores.shape[-2:]) == tuple(out_size):
+        return scores
+    return F.interpolate(scores, size=tuple(out_size), mode="bilinear", align_corners=align_corners)
+
+
+def _unflip(maps: torch.Tensor) -> torch.Tensor:
+    """Maps of one scale (1 or 2 views): flip the second (the flipped input) back."""
+    if maps.shape[0] == 2:
+        maps = torch.stack([maps[0], maps[1].flip(-1)])
+    return maps
+
+
+def forward_views(model_fn: ModelFn, views: Sequence[torch.Tensor], out_size: tuple[int, int],
+                  align_corners: bool = False, device: torch.device | str = "cpu",
+                  amp: bool = True) -> torch.Tensor:
+    """Per-view score maps (V, C, H, W) float32 on ``device``; one forward per distinct shape.
+
+    ``model_fn`` maps a (B, 3, h, w) batch to (B, C, h', w') scores; they are upsampled to
+    ``out_size`` (bilinear, ``align_corners``: False for SEAM CAMs, True for DeepLab) and
+    flipped views are flipped back. ``amp`` enables bf16 autocast on CUDA (ignored on CPU).
+    """
+    _check_views(views)
+    device = torch.device(device)
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for index, view in enumerate(views):
+        groups.setdefault(tuple(view.shape[1:]), []).append(index)
+    per_view: list[torch.Tensor | None] = [None] * len(views)
+    with torch.inference_mode():
+        for indices in groups.values():
+            batch = torch.cat([views[i] for i in indices]) if len(indices) > 1 else views[indices[0]]
+            scores = _to_image_size(_run_model(model_fn, batch, device, amp), out_size, align_corners)
+            chunks = torch.split(scores, [views[i].shape[0] for i in indices])
+            for i, chunk in zip(indices, chunks):
+                per_view[i] = _unflip(chunk)
+        return torch.cat(per_view)
+
+
+def forward_views_unbatched(model_fn: ModelFn, views: Sequence[torch.Tensor], out_size: tuple[int, int],
+                            align_corners: bool = False, device: torch.device | str = "cpu",
+                            amp: bool = True) -> torch.Tensor:
+    """Same result as :func:`forward_views` with one forward per view (benchmark baseline)."""
+    _check_views(views)
+    device = torch.device(device)
+    per_scale = []
+    with torch.inference_mode():
+        for view in views:
+            maps = torch.cat([_to_image_size(_run_model(model_fn, view[j:j + 1], device, amp),
+                                             out_size, align_corners)
+                              for j in range(view.shape[0])])
+            per_scale.append(_unflip(maps))
+        return torch.cat(per_scale)

@@ -1,0 +1,274 @@
+"""The whole workflow as a list of stages, each one real stage script run as its own process.
+
+A stage is a name, a command built from the run's configuration and the results of earlier
+stages (the best background threshold, say), and a marker file written when it succeeds, so an
+interrupted run resumes at the first unfinished stage. The commands are exactly what a user
+would type; they are printed so they can be copied.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+from tool.fileio import DataError, atomic_write_text, read_id_list
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# ----------------------------------------------------------------------------- configuration
+# Flags of each stage per profile. 'synthetic' is the embedded default, sized for a 2-core CPU;
+# 'voc12' and 'coco14' are the published configurations (DESIGN.md), for a GPU machine.
+PROFILES: dict[str, dict[str, Any]] = {
+    "synthetic": {
+        "dataset": "synthetic",
+        "synthetic": {"num_train": 240, "num_val": 60, "image_size": 128, "num_classes": 6, "seed": 0},
+        "train_list": "train", "eval_list": "train", "val_list": "val",
+        "width_mult": 0.25, "num_workers": 2, "sample_images": 8,
+        "train_avc": {"batch_size": 8, "max_epoches": 12, "lr": 0.05, "momentum": 0.9, "crop_size": 112,
+                      "resize_long": (112, 144)},
+        "infer_seed": {"scales": (0.5, 1.0, 1.5, 2.0)},
+        "train_aff": {"batch_size": 8, "max_epoches": 6, "lr": 0.05, "momentum": 0.9, "crop_size": 112},
+        "infer_aff": {"alpha": 6.0, "beta": 8, "logt": 6},
+        "train_deeplab": {"batch_size": 8, "max_iters": 600, "lr": 0.01, "crop_size": 112},
+        "test_deeplab": {"scales": (0.75, 1.0, 1.25)},
+    },
+    "voc12": {
+        "dataset": "voc12",
+        "train_list": "train_aug", "eval_list": "train", "val_list": "val",
+        "width_mult": 1.0, "num_workers": 8, "sample_images": 12,
+        "train_avc": {"batch_size": 8, "max_epoches": 8, "lr": 0.01, "momentum": 0.0, "crop_size": 448,
+                      "resize_long": (448, 768)},
+        "infer_seed": {"scales": (0.5, 1.0, 1.5, 2.0)},
+        "train_aff": {"batch_size": 8, "max_epoches": 8, "lr": 0.1, "momentum": 0.0, "crop_size": 448},
+        "infer_aff": {"alpha": 6.0, "beta": 8, "logt": 8},
+        "train_deeplab": {"batch_size": 10, "max_iters": 20000, "lr": 0.001, "crop_size": 448},
+        "test_deeplab": {"scales": (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)},
+    },
+}
+PROFILES["coco14"] = {**PROFILES["voc12"], "dataset": "coco14", "train_list": "train", "eval_list": "train"}
+# A few-minute version of the synthetic run for the end-to-end test (CI).
+PROFILES["tiny"] = {
+    **PROFILES["synthetic"],
+    "synthetic": {"num_train": 24, "num_val": 8, "image_size": 64, "num_classes": 3, "seed": 0},
+    "width_mult": 0.125, "num_workers": 0, "sample_images": 3,
+    "train_avc": {**PROFILES["synthetic"]["train_avc"], "max_epoches": 1, "crop_size": 64, "resize_long": (64, 72)},
+    "infer_seed": {"scales": (1.0, 1.5)},
+    "train_aff": {**PROFILES["synthetic"]["train_aff"], "max_epoches": 1, "crop_size": 64},
+    "train_deeplab": {**PROFILES["synthetic"]["train_deeplab"], "max_iters": 4, "crop_size": 64},
+    "test_deeplab": {"scales": (1.0,)},
+}
+
+
+@dataclass(frozen=True)
+class Paths:
+    """Where every stage of one run reads and writes."""
+
+    work_dir: str
+    data_root: str
+    results_dir: str
+    checkpoints: str
+    cam: str            # CAM dicts
+    seed_png: str       # seed label maps
+    crf: str            # prefix of the low/high-alpha CRF dict folders
+    seed_curve: str     # evaluation curve of the seeds
+    crf_masks: str
+    rw_masks: str
+    deeplab_val: str
+    deeplab_samples: str
+    eval: str           # one JSON of results per evaluation
+    stages: str         # one marker per finished stage
+    lists: str
+
+    @classmethod
+    def under(cls, work_dir: str, data_root: str, results_dir: str) -> "Paths":
+        def sub(relative: str) -> str:
+            return os.path.join(work_dir, relative)
+        return cls(work_dir=work_dir, data_root=data_root, results_dir=results_dir,
+                   checkpoints=sub("checkpoints"), cam=sub("seed/cam"), seed_png=sub("seed/seed_png"),
+                   crf=sub("seed/crf"), seed_curve=sub("eval/seed_curve"), crf_masks=sub("masks/crf"),
+                   rw_masks=sub("masks/rw"), deeplab_val=sub("deeplab/val"),
+                   deeplab_samples=sub("deeplab/samples"), eval=sub("eval"), stages=sub("stages"),
+                   lists=sub("lists"))
+
+
+@dataclass
+class Stage:
+    """One step: ``command(context)`` is the argv (script first) run with the project's Python."""
+
+    name: str
+    command: Callable[["Context"], list[str]]
+    description: str = ""
+
+
+@dataclass
+class Context:
+    profile_name: str
+    profile: Mapping[str, Any]
+    paths: Paths
+    results: dict[str, Any] = field(default_factory=dict)
+
+    def eval_json(self, name: str) -> str:
+        return os.path.join(self.paths.eval, f"{name}.json")
+
+    def best_threshold(self) -> float:
+        curve_path = os.path.join(self.paths.seed_curve, "curve.json")
+        if not os.path.isfile(curve_path):
+            raise DataError(f"{curve_path}: the seed curve is missing; run the stage 'eval_seed' first")
+        with open(curve_path, encoding="utf-8") as handle:
+            return float(json.load(handle)["best_threshold"])
+
+
+def list_file(ctx: Context, split: str) -> str:
+    return os.path.join(ctx.paths.data_root, f"{split}.txt")
+
+
+def dataset_flags(ctx: Context) -> list[str]:
+    return ["--dataset", ctx.profile["dataset"], "--voc12_root", ctx.paths.data_root]
+
+
+def training_flags(ctx: Context, stage: str) -> list[str]:
+    settings = ctx.profile[stage]
+    flags = ["--batch_size", settings["batch_size"], "--lr", settings["lr"], "--crop_size", settings["crop_size"],
+             "--width_mult", ctx.profile["width_mult"], "--num_workers", ctx.profile["num_workers"],
+             "--save_dir", ctx.paths.checkpoints, "--resume", "auto"]
+    if "max_epoches" in settings:
+        flags += ["--max_epoches", settings["max_epoches"]]
+    if "momentum" in settings:
+        flags += ["--momentum", settings["momentum"]]
+    return flags
+
+
+def _strings(values: Sequence[Any]) -> list[str]:
+    return [str(value) for value in values]
+
+
+def build_stages(ctx: Context) -> list[Stage]:
+    """The workflow of DESIGN.md, in order.
+
+    Seeds and masks are made for the training list (VOC: train_aug) that AffinityNet and
+    DeepLab learn from, and evaluated on the evaluation list (VOC: train, as published).
+    """
+    p, profile = ctx.paths, ctx.profile
+    train_list = list_file(ctx, profile["train_list"])
+    eval_list = list_file(ctx, profile["eval_list"])
+    val_list = list_file(ctx, profile["val_list"])
+    samples_list = os.path.join(p.lists, "samples.txt")
+    avc_weights = os.path.join(p.checkpoints, "avc.pth")
+    aff_weights = os.path.join(p.checkpoints, "aff.pth")
+    deeplab_weights = os.path.join(p.checkpoints, "deeplab.pth")
+    workers = str(profile["num_workers"])
+
+    def evaluate(name: str, predict_dir: str, image_list: str, *extra: str) -> list[str]:
+        return ["evaluation.py", "--list", image_list, "--predict_dir", predict_dir, *dataset_flags(ctx),
+                "--num_workers", workers, "--comment", name, "--out_json", ctx.eval_json(name), *extra]
+
+    stages = []
+    if profile["dataset"] == "synthetic":
+        synthetic = profile["synthetic"]
+        stages.append(Stage("generate", lambda c: [
+            "-m", "voc12.synthetic", "--out", p.data_root, *(f"--{k}={v}" for k, v in synthetic.items())],
+            "write the synthetic dataset in the VOC layout"))
+    prepare_module = "coco14.prepare" if profile["dataset"] == "coco14" else "voc12.prepare"
+    root_flag = "--coco_root" if profile["dataset"] == "coco14" else "--voc12_root"
+    prepare = ["-m", prepare_module, root_flag, p.data_root]
+    if profile["dataset"] == "synthetic":
+        prepare += ["--dataset", "synthetic"]
+    stages += [
+        Stage("prepare", lambda c: prepare, "image lists and cls_labels.npy"),
+        Stage("train_avc", lambda c: [
+            "train_avc.py", *dataset_flags(c), "--train_list", train_list, "--session_name", "avc",
+            *_strings(training_flags(c, "train_avc")),
+            "--resize_long", *_strings(profile["train_avc"]["resize_long"])],
+            "AVC classifier"),
+        Stage("infer_seed", lambda c: [
+            "infer_seed.py", *dataset_flags(c), "--weights", avc_weights, "--infer_list", train_list,
+            "--scales", *_strings(profile["infer_seed"]["scales"]), "--out_cam", p.cam, "--out_crf", p.crf,
+            "--out_cam_pred", p.seed_png, "--num_workers", workers],
+            "CAM dicts, seed PNGs, low/high-alpha CRF dicts"),
+        Stage("eval_seed", lambda c: evaluate("seed", p.cam, eval_list, "--type", "npy", "--curve",
+                                              "--out_dir", p.seed_curve),
+              "seed mIoU over background thresholds"),
+        Stage("refine_mask", lambda c: [
+            "refine_mask.py", *dataset_flags(c), "--list", eval_list, "--cam_dir", p.cam, "--out_dir", p.crf_masks,
+            "--bg_threshold", f"{c.best_threshold():.2f}", "--num_workers", workers],
+            "dense-CRF pseudo masks"),
+        Stage("eval_crf", lambda c: evaluate("crf", p.crf_masks, eval_list, "--type", "png"), "CRF mask mIoU"),
+        Stage("train_aff", lambda c: [
+            "train_aff.py", *dataset_flags(c), "--train_list", train_list, "--session_name", "aff",
+            "--la_crf_dir", f"{p.crf}_4.0", "--ha_crf_dir", f"{p.crf}_24.0",
+            *_strings(training_flags(c, "train_aff"))],
+            "AffinityNet"),
+        Stage("infer_aff", lambda c: [
+            "infer_aff.py", *dataset_flags(c), "--weights", aff_weights, "--infer_list", train_list,
+            "--cam_dir", p.cam, "--out_rw", p.rw_masks, *(f"--{k}={v}" for k, v in profile["infer_aff"].items()),
+            "--num_workers", workers],
+            "random-walk pseudo masks"),
+        Stage("eval_rw", lambda c: evaluate("rw", p.rw_masks, eval_list, "--type", "png"),
+              "random-walk mask mIoU"),
+        Stage("train_deeplab", lambda c: [
+            "train_deeplab.py", *dataset_flags(c), "--train_list", train_list, "--pseudo_dir", p.rw_masks,
+            "--session_name", "deeplab", *_strings(training_flags(c, "train_deeplab")),
+            "--max_iters", str(profile["train_deeplab"]["max_iters"])],
+            "DeepLabV1 on the random-walk masks"),
+        Stage("test_deeplab", lambda c: [
+            "test_deeplab.py", *dataset_flags(c), "--weights", deeplab_weights, "--infer_list", val_list,
+            "--out_dir", p.deeplab_val, "--scales", *_strings(profile["test_deeplab"]["scales"]),
+            "--num_workers", workers],
+            "DeepLab predictions on val"),
+        Stage("eval_deeplab", lambda c: evaluate("deeplab", p.deeplab_val, val_list, "--type", "png"),
+              "DeepLab val mIoU"),
+        Stage("test_deeplab_samples", lambda c: [
+            "test_deeplab.py", *dataset_flags(c), "--weights", deeplab_weights, "--infer_list",
+            write_samples_list(c, samples_list), "--out_dir", p.deeplab_samples,
+            "--scales", *_strings(profile["test_deeplab"]["scales"]), "--num_workers", workers],
+            "DeepLab predictions on the sample images of the results page"),
+    ]
+    return stages
+
+
+def write_samples_list(ctx: Context, path: str) -> str:
+    """The first ``sample_images`` ids of the evaluated list, for the results page."""
+    ids = read_id_list(list_file(ctx, ctx.profile["eval_list"]))[: ctx.profile["sample_images"]]
+    atomic_write_text(path, "\n".join(ids) + "\n")
+    return path
+
+
+# ----------------------------------------------------------------------------- running
+def marker_path(ctx: Context, stage: Stage) -> str:
+    return os.path.join(ctx.paths.stages, f"{stage.name}.json")
+
+
+def stage_done(ctx: Context, stage: Stage) -> dict[str, Any] | None:
+    path = marker_path(ctx, stage)
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+def run_stage(ctx: Context, stage: Stage, python: str = sys.executable) -> dict[str, Any]:
+    """Run one stage as a subprocess in the repository root; write its marker on success."""
+    argv = [python, *stage.command(ctx)]
+    printable = shlex.join(["python", *argv[1:]])
+    print(f"\n==> [{stage.name}] {stage.description}\n$ {printable}", flush=True)
+    start = time.perf_counter()
+    completed = subprocess.run(argv, cwd=REPO_ROOT)
+    seconds = time.perf_counter() - start
+    if completed.returncode != 0:
+        raise StageFailed(f"stage '{stage.name}' failed with exit code {completed.returncode} after "
+                          f"{seconds:.0f} s; rerun it with --only {stage.name} once fixed:\n$ {printable}")
+    record = {"stage": stage.name, "command": printable, "seconds": round(seconds, 2),
+              "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+    os.makedirs(ctx.paths.stages, exist_ok=True)
+    atomic_write_text(marker_path(ctx, stage), json.dumps(record, indent=2))
+    return record
+
+
+class StageFailed(RuntimeError):
+    """A stage script exited with a non-zero code."""

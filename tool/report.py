@@ -1,0 +1,155 @@
+"""The results of a pipeline run: the AVC README table (markdown + JSON) and an HTML page.
+
+Everything is read back from the files the stages wrote (evaluation JSONs, stage markers,
+CAM dicts, masks), so the report can be rebuilt at any time without rerunning a stage.
+"""
+from __future__ import annotations
+
+import html
+import json
+import os
+import platform
+import shutil
+import time
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from tool.cam import seed_from_cam_dict
+from tool.datasets import DatasetInfo
+from tool.fileio import atomic_write_text, load_score_dict, read_label_png, read_rgb_image, save_rgb_image
+from tool.metrics import ConfusionMatrix
+from tool.vis import cam_overlay, label_overlay
+
+# (row label, evaluation JSON name, split it was measured on)
+TABLE_ROWS = (("Seed", "seed", "train"), ("+CRF", "crf", "train"),
+              ("Mask (random walk)", "rw", "train"), ("DeepLabV1", "deeplab", "val"))
+PAGE_COLUMNS = ("image", "ground truth", "CAM", "seed", "CRF", "random walk", "DeepLab")
+
+
+def _read_json(path: str) -> dict[str, Any] | None:
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+def machine_description() -> str:
+    import torch
+
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU only"
+    return (f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores, {device}, "
+            f"Python {platform.python_version()}, torch {torch.__version__}")
+
+
+def collect_results(eval_dir: str, seed_curve_json: str, stage_markers: Sequence[Mapping[str, Any]],
+                    profile_name: str, eval_split_names: Mapping[str, str]) -> dict[str, Any]:
+    """One dict with the table rows, the best seed threshold, stage times, date and machine."""
+    rows = []
+    curve = _read_json(seed_curve_json)
+    for label, name, split in TABLE_ROWS:
+        if name == "seed" and curve is not None:
+            miou, threshold = curve["miou_percent"][curve["best_index"]], curve["best_threshold"]
+        else:
+            results = _read_json(os.path.join(eval_dir, f"{name}.json"))
+            miou, threshold = (results["miou_percent"] if results else None), None
+        rows.append({"row": label, "split": eval_split_names.get(split, split), "miou": miou,
+                     "bg_threshold": threshold})
+    return {"profile": profile_name, "date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine_description(),
+            "rows": rows, "stages": [{"stage": m["stage"], "seconds": m["seconds"], "command": m["command"]}
+                                     for m in stage_markers],
+            "total_seconds": round(sum(m["seconds"] for m in stage_markers), 1)}
+
+
+def _format_miou(miou: float | None) -> str:
+    return "-" if miou is None else f"{miou:.1f}"
+
+
+def format_summary(summary: Mapping[str, Any]) -> str:
+    lines = [f"# Results ({summary['profile']}, {summary['date']})", "", f"Machine: {summary['machine']}", "",
+             "| | split | mIoU (%) | background threshold |", "|---|---|---|---|"]
+    for row in summary["rows"]:
+        miou = _format_miou(row["miou"])
+        threshold = "" if row["bg_threshold"] is None else f"{row['bg_threshold']:.2f}"
+        lines.append(f"| {row['row']} | {row['split']} | {miou} | {threshold} |")
+    lines += ["", "| stage | wall time (s) |", "|---|---|"]
+    lines += [f"| {stage['stage']} | {stage['seconds']:.1f} |" for stage in summary["stages"]]
+    lines += [f"| total | {summary['total_seconds']:.1f} |", ""]
+    return "\n".join(lines)
+
+
+def write_summary(summary: Mapping[str, Any], results_dir: str) -> str:
+    text = format_summary(summary)
+    atomic_write_text(os.path.join(results_dir, "summary.md"), text)
+    atomic_write_text(os.path.join(results_dir, "summary.json"), json.dumps(summary, indent=2))
+    return text
+
+
+def _image_iou(prediction: np.ndarray, gt: np.ndarray, num_labels: int) -> float:
+    """mIoU of one image over the classes present in its gt or prediction."""
+    matrix = ConfusionMatrix(num_labels)
+    matrix.update(prediction, gt)
+    return float(matrix.results(None, absent="ignore")["miou_percent"])
+
+
+def write_page(results_dir: str, info: DatasetInfo, sample_ids: Sequence[str], cam_dir: str,
+               bg_threshold: float, mask_dirs: Mapping[str, str], summary: Mapping[str, Any],
+               curve_png: str | None) -> str:
+    """``index.html``: per sample image, the image and every stage's output with its IoU."""
+    image_dir = os.path.join(results_dir, "images")
+    rows_html = []
+    for image_id in sample_ids:
+        image = read_rgb_image(info.image_path(image_id))
+        gt = read_label_png(info.gt_path(image_id), image.shape[:2])
+        cam_dict = load_score_dict(os.path.join(cam_dir, f"{image_id}.npy"), info.num_classes)
+        cam_max = np.max(np.stack(list(cam_dict.values())), axis=0) if cam_dict else np.zeros(gt.shape, np.float32)
+        predictions = {"seed": seed_from_cam_dict(cam_dict, info.num_classes, bg_threshold, gt.shape)}
+        for column, folder in mask_dirs.items():
+            path = os.path.join(folder, f"{image_id}.png")
+            if os.path.isfile(path):
+                predictions[column] = read_label_png(path, gt.shape)
+        pictures = {"image": image, "ground truth": label_overlay(image, gt), "CAM": cam_overlay(image, cam_max)}
+        pictures.update({column: label_overlay(image, label) for column, label in predictions.items()})
+        cells = []
+        for column in PAGE_COLUMNS:
+            if column not in pictures:
+                cells.append("<td>-</td>")
+                continue
+            name = f"{image_id}_{column.replace(' ', '_')}.png"
+            save_rgb_image(os.path.join(image_dir, name), pictures[column])
+            caption = html.escape(column)
+            if column in predictions:
+                caption += f" {_image_iou(predictions[column], gt, info.num_labels):.1f}"
+            cells.append(f'<td><img src="images/{html.escape(name)}" alt="{html.escape(column)}">'
+                         f"<div>{caption}</div></td>")
+        rows_html.append(f"<tr><th>{html.escape(image_id)}</th>{''.join(cells)}</tr>")
+    if curve_png and os.path.isfile(curve_png):
+        shutil.copyfile(curve_png, os.path.join(results_dir, "seed_curve.png"))
+    table = "".join(f"<tr><td>{html.escape(row['row'])}</td><td>{html.escape(row['split'])}</td>"
+                    f"<td>{_format_miou(row['miou'])}</td></tr>" for row in summary["rows"])
+    header = "".join(f"<th>{html.escape(column)}</th>" for column in PAGE_COLUMNS)
+    page = f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>AVC pipeline results</title>
+<style>body{{font-family:sans-serif;margin:1em}} img{{max-width:160px;display:block}}
+td,th{{padding:4px;text-align:center;vertical-align:top;font-size:12px}} table{{border-collapse:collapse}}</style>
+</head><body>
+<h1>AVC pipeline results ({html.escape(summary['profile'])})</h1>
+<p>{html.escape(summary['date'])} &middot; {html.escape(summary['machine'])}</p>
+<table border="1"><tr><th></th><th>split</th><th>mIoU (%)</th></tr>{table}</table>
+<h2>Seed mIoU over background thresholds</h2>
+<img src="seed_curve.png" alt="seed curve" style="max-width:480px">
+<h2>Samples (per-image mIoU over the classes present)</h2>
+<table border="1"><tr><th>id</th>{header}</tr>{''.join(rows_html)}</table>
+<script>
+window.addEventListener('load', function () {{
+  var images = Array.from(document.images);
+  var broken = images.filter(function (img) {{ return !(img.complete && img.naturalWidth > 0); }});
+  document.body.setAttribute('data-images', images.length);
+  document.body.setAttribute('data-broken', broken.length);
+}});
+</script>
+</body></html>
+"""
+    path = os.path.join(results_dir, "index.html")
+    atomic_write_text(path, page)
+    return path

@@ -1,0 +1,106 @@
+"""Stage 1: train the AVC classifier (SEAM + affinity vector consistency) from image-level labels.
+
+    python train_avc.py --voc12_root VOC2012 --weights ilsvrc-cls_rna-a1_cls1000_ep-0001.params \
+        --session_name avc_voc12
+    torchrun --nproc_per_node 4 train_avc.py ...        # same flags, DistributedDataParallel
+
+No ``--weights`` trains from scratch (BatchNorm then trains too). ``--avc_weight 0`` is SEAM.
+Writes ``<save_dir>/<session>.pth`` (final), ``<session>_last.pth`` (every epoch, for
+``--resume auto``), ``<session>_config.json`` and ``<session>_log.csv`` (every loss term).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from typing import Sequence
+
+from network.avc import AVCNet, avc_training_losses
+from network.weights import start_from_weights
+from tool.cli import add_dataset_args, add_model_args, add_training_args, positive_float, run_cli
+from tool.datasets import get_dataset_info
+from tool.distributed import cleanup, setup_distributed
+from tool.fileio import read_id_list
+from tool.logs import save_config, setup_logging
+from tool.training import (EpochBatchSampler, PolyLR, Trainer, make_loader, make_sgd, parameter_groups,
+                           prepare_model, seed_everything)
+from voc12.data import ClassificationDataset
+
+logger = logging.getLogger("train_avc")
+
+LOSS_TERMS = ("cls", "min_pool", "er", "ecr", "avc_cross", "avc_sem")
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_dataset_args(parser)
+    add_model_args(parser)
+    add_training_args(parser, batch_size=8, max_epoches=8, lr=0.01, wt_dec=5e-4, crop_size=448,
+                      session_name="resnet38_avc", num_workers=8)
+    parser.add_argument("--train_list", default=None,
+                        help="image ids to train on (default: <root>/train_aug.txt)")
+    parser.add_argument("--resize_long", type=int, nargs=2, default=(448, 768), metavar=("MIN", "MAX"),
+                        help="random resize of the long side before the crop (SEAM: 448 768)")
+    parser.add_argument("--view_scale", type=positive_float, default=0.3,
+                        help="rescale factor of the second view (SEAM: 0.3)")
+    weights = parser.add_argument_group("loss weights (--avc_weight 0 is exactly SEAM)")
+    weights.add_argument("--avc_weight", type=float, default=1.0, help="weight of both AVC terms")
+    weights.add_argument("--avc_cross_weight", type=float, default=1.0,
+                         help="cross-view affinity-vector consistency term")
+    weights.add_argument("--avc_sem_weight", type=float, default=1.0,
+                         help="semantic affinity-vector term (affinity vs same-class indicator)")
+    weights.add_argument("--er_weight", type=float, default=1.0, help="equivariant regularisation")
+    weights.add_argument("--ecr_weight", type=float, default=1.0, help="equivariant cross regularisation")
+    return parser.parse_args(argv)
+
+
+def loss_weights(args: argparse.Namespace) -> dict[str, float]:
+    return {"avc": args.avc_weight, "avc_cross": args.avc_cross_weight, "avc_sem": args.avc_sem_weight,
+            "er": args.er_weight, "ecr": args.ecr_weight}
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    dist = setup_distributed()
+    try:
+        setup_logging(os.path.join(args.save_dir, f"{args.session_name}.log"), dist.is_main)
+        seed_everything(args.seed + dist.rank)
+        info = get_dataset_info(args.dataset, args.voc12_root)
+        train_list = args.train_list or info.list_path("train_aug")
+        dataset = ClassificationDataset(info, read_id_list(train_list), info.load_cls_labels(),
+                                        crop_size=args.crop_size, resize_long=tuple(args.resize_long),
+                                        seed=args.seed, source=train_list)
+        logger.info("%d training images from %s (%s, %d classes)", len(dataset), train_list,
+                    info.name, info.num_classes)
+
+        model = AVCNet(num_classes=info.num_classes, width_mult=args.width_mult)
+        start_from_weights(model, args.weights)
+        optimizer = make_sgd(parameter_groups(model, args.lr, args.wt_dec), momentum=args.momentum)
+        model = prepare_model(model, dist)
+        sampler = EpochBatchSampler(len(dataset), args.batch_size, seed=args.seed,
+                                    rank=dist.rank, world_size=dist.world_size)
+        max_step = sampler.batches_per_epoch * args.max_epoches
+        trainer = Trainer(model, optimizer, PolyLR(optimizer, max_step), dist, max_step=max_step,
+                          steps_per_epoch=sampler.batches_per_epoch, loss_names=LOSS_TERMS,
+                          save_dir=args.save_dir, session_name=args.session_name,
+                          save_every=args.save_every, args=args, amp=args.amp)
+        if dist.is_main:
+            save_config(args, os.path.join(args.save_dir, f"{args.session_name}_config.json"))
+        trainer.resume(args.resume)
+
+        weights = loss_weights(args)
+        model.train()
+        for _ in trainer.epochs(sampler):
+            for _, images, labels in trainer.progress(make_loader(dataset, sampler, args.num_workers)):
+                with trainer.autocast():
+                    terms = avc_training_losses(model, images.to(dist.device), labels.to(dist.device),
+                                                scale=args.view_scale, weights=weights)
+                total = terms.pop("total")
+                trainer.step(total, terms)
+        logger.info("final weights: %s", trainer.finish())
+    finally:
+        cleanup()
+
+
+if __name__ == "__main__":
+    run_cli(main)
