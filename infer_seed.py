@@ -58,6 +58,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="prefix of the CRF dict folders (<out_crf>_4.0, <out_crf>_24.0)")
     parser.add_argument("--crf_alphas", type=float, nargs="+", default=(LOW_ALPHA, HIGH_ALPHA),
                         help="background exponents of the CRF dicts (low and high alpha)")
+    parser.add_argument("--seam_cam_norm", action="store_true",
+                        help="keep SEAM's CAM normalisation bug for classes positive everywhere "
+                             "(values far below 0); by default CAMs are clipped to [0, 1]")
     parser.add_argument("--out_vis", default=None, help="folder for CAM overlays and affinity pictures")
     parser.add_argument("--num_workers", type=non_negative_int, default=4,
                         help="data-loading workers and CRF processes")
@@ -139,7 +142,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             image_id, image, label = item["id"], item["image"], item["label"].numpy()
             view_cams = forward_views(class_cams, item["views"], image.shape[:2], align_corners=False,
                                       device=dist.device)
-            cam_dict = cam_dict_from(fuse_cams(view_cams.float().cpu().numpy(), label), label)
+            norm_cam = fuse_cams(view_cams.float().cpu().numpy(), label, clip=not args.seam_cam_norm)
+            cam_dict = cam_dict_from(norm_cam, label)
             seed = seed_from_cam_dict(cam_dict, info.num_classes, args.out_cam_pred_alpha, image.shape[:2])
             if args.out_cam:
                 save_npy(os.path.join(args.out_cam, f"{image_id}.npy"), cam_dict)

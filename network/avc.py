@@ -10,7 +10,7 @@ ER, ECR); the two AVC terms are this project's definition (DESIGN.md).
 """
 from __future__ import annotations
 
-from typing import Dict, List, Mapping, NamedTuple, Sequence, Tuple
+from typing import Dict, List, Mapping, NamedTuple, Sequence
 
 import torch
 import torch.nn as nn

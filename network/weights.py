@@ -325,3 +325,33 @@ def load_trained(model: nn.Module, path: str) -> None:
             message.append(f"first shape conflict: {conflict}")
         raise DataError("; ".join(message))
     target.load_state_dict(file_state, strict=True)
+
+
+# ------------------------------------------------------------------ shared by the stage scripts
+def start_from_weights(model: nn.Module, weights: str | None) -> None:
+    """How every training stage starts: from ``weights`` (pretrained backbone) or from scratch.
+
+    With weights (the ImageNet ``.params`` file, or a PSA/SEAM/our ``.pth`` whose backbone is
+    reused), the backbone is loaded strictly and then frozen the SEAM/PSA way (BatchNorm on
+    running statistics, ``conv1a`` and ``b2*`` fixed). Without, every layer trains, BatchNorm
+    included, or the deep network does not learn.
+    """
+    if weights is None:
+        print(f"{type(model).__name__}: no --weights, training from scratch (BatchNorm trains)")
+        return
+    load_pretrained_backbone(model, weights)
+    _find_backbone(model)[1].freeze_pretrained()
+
+
+def saved_model_args(path: str) -> Dict[str, object]:
+    """The training flags stored in one of our checkpoints (``{}`` for PSA/SEAM/MXNet files).
+
+    Inference uses them for settings the weights imply, such as ``width_mult``.
+    """
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: weight file not found")
+    if path.endswith(".params"):
+        return {}
+    loaded = _torch_load(path)
+    args = loaded.get("args") if isinstance(loaded, Mapping) else None
+    return dict(args) if isinstance(args, Mapping) else {}

@@ -14,7 +14,8 @@ from network import build_model
 from network.avc import (AVCNet, adaptive_min_pooling_loss, affinity_cross_view_loss,
                          affinity_semantic_loss, avc_training_losses, classification_loss,
                          equivariant_cross_regularization, equivariant_regularization,
-                         max_norm, max_onehot, normalize_cam_for_pcm, pcm, with_background)
+                         max_norm, max_onehot, normalize_cam_for_pcm, normalized_affinity, pcm,
+                         with_background)
 from tests.test_resnet38 import REFERENCE_DIR, needs_reference, portable_state_dict, reference_keys
 
 
@@ -152,7 +153,6 @@ def test_affinity_cross_view_by_hand() -> None:
     e1, e2 = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
     features_a = torch.stack([e1, e2], dim=1).view(1, 2, 1, 2)   # orthogonal pixels
     same = torch.stack([e1, e1], dim=1).view(1, 2, 1, 2)
-    from network.avc import normalized_affinity
     affinity_same = normalized_affinity(same)                      # every entry 1 / (2 + eps)
     # identity / (1+eps) vs all 1/(2+eps): per column |1/(1+e) - 1/(2+e)| + 1/(2+e)
     eps = 1e-5

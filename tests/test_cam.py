@@ -84,3 +84,13 @@ def test_alpha_for_threshold_moves_boundary_to_threshold():
     assert np.count_nonzero(with_threshold != with_alpha) <= 1
     with pytest.raises(ValueError):
         alpha_for_threshold(1.0)
+
+
+def test_fuse_cams_clip_fixes_class_positive_everywhere():
+    # One class, positive everywhere: SEAM maps its minimum pixel to -min/range.
+    view_cams = np.array([[[[2.0, 3.0], [4.0, 6.0]]]], np.float32)
+    label = np.array([1.0], np.float32)
+    seam = fuse_cams(view_cams, label)
+    assert seam[0, 0, 0] < -0.4  # (0 - 2 - 1e-5) / (6 - 2 + 1e-5)
+    fixed = fuse_cams(view_cams, label, clip=True)
+    np.testing.assert_allclose(fixed[0], [[0.0, 0.25], [0.5, 1.0]], atol=1e-5)

@@ -97,7 +97,7 @@ def trained(dataset, tmp_path_factory) -> dict[str, str]:
 def test_training_lowers_the_loss_and_writes_its_records(trained):
     losses = _losses(trained["save_dir"], "fit")
     assert len(losses) == 24 and all(np.isfinite(losses))
-    assert np.mean(losses[-6:]) < 0.7 * np.mean(losses[:6])
+    assert np.mean(losses[-6:]) < 0.5 * np.mean(losses[:6])
     final = read_checkpoint(trained["weights"])
     assert final["step"] == 24
     assert final["args"]["pseudo_dir"].endswith("pseudo")

@@ -22,12 +22,17 @@ LABEL_PRESENT_EPS = 1e-5
 SEAM_SEED_BG_THRESHOLD = 0.26
 
 
-def fuse_cams(view_cams: np.ndarray, label: np.ndarray) -> np.ndarray:
+def fuse_cams(view_cams: np.ndarray, label: np.ndarray, clip: bool = False) -> np.ndarray:
     """Fuse per-view CAMs into one min-max normalised CAM per class, exactly as SEAM.
 
     view_cams: (V, C, H, W) float32, each view already upsampled to the image size and
     flipped back. label: (C,) multi-hot over foreground classes. Returns (C, H, W) float32;
     classes absent from the label are -1 everywhere.
+
+    ``clip=True`` fixes SEAM's bug for a class that is positive everywhere (cam_min > 0):
+    SEAM zeroes its minimum pixels *before* subtracting cam_min, so they come out as
+    -cam_min / range, far below 0 (-3.4 seen on a young model). Clipping to [0, 1] keeps the
+    CAM dict in its documented range and changes nothing else beyond the 1e-5 epsilons.
     """
     view_cams = np.asarray(view_cams, dtype=np.float32)
     label = np.asarray(label, dtype=np.float32)
@@ -40,7 +45,8 @@ def fuse_cams(view_cams: np.ndarray, label: np.ndarray) -> np.ndarray:
     cam_max = np.max(sum_cam, axis=(1, 2), keepdims=True)
     cam_min = np.min(sum_cam, axis=(1, 2), keepdims=True)
     sum_cam[sum_cam < cam_min + 1e-5] = 0  # SEAM sets these to 0, not to cam_min
-    return (sum_cam - cam_min - 1e-5) / (cam_max - cam_min + 1e-5)
+    norm_cam = (sum_cam - cam_min - 1e-5) / (cam_max - cam_min + 1e-5)
+    return np.clip(norm_cam, 0.0, 1.0) if clip else norm_cam
 
 
 def cam_dict_from(norm_cam: np.ndarray, label: np.ndarray) -> dict[int, np.ndarray]:

@@ -230,7 +230,7 @@ def _paint_object(rng: np.random.Generator, image: np.ndarray, mask: np.ndarray,
     saturation, value = rng.uniform(0.7, 1.0), rng.uniform(0.75, 1.0)
     light = _hsv(hue, saturation, value)
     dark = _hsv(hue, saturation, value * rng.uniform(0.35, 0.5))
-    period = side * rng.uniform(0.05, 0.07)
+    period = side * rng.uniform(0.075, 0.1)
     phase_u, phase_v = rng.uniform(0, period, size=2)
     pattern = _texture_pattern(cls.texture, u + phase_u, v + phase_v, period)
     colours = np.where(pattern[..., None], dark, light)
