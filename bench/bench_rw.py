@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> None:
                 margin_note = f" (max margin there {label_margin(dense['walked'])[differ].max():.1e})"
             rows.append(
                 f"| {size}x{size} | {size * size} | {float(dense['seconds']):.3f} | {float(sparse['seconds']):.3f} | "
-                f"{float(dense['seconds']) / float(sparse['seconds']):.0f}x | "
+                f"{float(dense['seconds']) / float(sparse['seconds']):.1f}x | "
                 f"{float(dense['walk_peak']):.1f} ({float(dense['process_peak']):.0f}) | "
                 f"{float(sparse['walk_peak']):.1f} ({float(sparse['process_peak']):.0f}) | "
                 f"{float(dense['walk_peak']) / max(float(sparse['walk_peak']), 0.01):.0f}x | "

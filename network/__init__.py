@@ -8,12 +8,16 @@ from typing import Callable, Dict
 
 import torch.nn as nn
 
+from network.affinity import AffinityNet
 from network.avc import AVCNet
+from network.deeplab import DeepLabV1
 from network.resnet38 import ResNet38
 
 MODELS: Dict[str, Callable[..., nn.Module]] = {
     "resnet38": ResNet38,
     "avc": AVCNet,
+    "affinity": AffinityNet,
+    "deeplab": DeepLabV1,
 }
 
 

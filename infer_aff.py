@@ -1,0 +1,197 @@
+"""Stage 3: random-walk pseudo masks from AffinityNet and the CAM dicts (PSA/SEAM ``infer_aff.py``).
+
+Per image: the normalised image is zero-padded to a multiple of 8; AffinityNet gives the
+affinities of the radius-5 pairs on the stride-8 grid; the CAM dict becomes score maps
+(background (1 - max CAM)^alpha, 8 x 8 average pooling); the scores walk through
+T^(2^logt), T the column-normalised affinity^beta (sparse: never a dense N x N matrix);
+then x8 bilinear upsampling (align_corners=False, as the reference), with ``--crf`` one
+dense-CRF iteration on the de-normalised padded image (SEAM's option), arg-max, crop.
+Output: ``<out_rw>/<id>.png`` (palette; 0 background, c + 1 class c). Existing PNGs are
+skipped, so an interrupted run resumes; ``--shard K/N`` and ``torchrun`` split the list.
+
+    python infer_aff.py --weights checkpoints/resnet38_aff.pth --voc12_root VOC2012 \\
+        --infer_list VOC2012/train.txt --cam_dir out/cam --out_rw out/rw
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from network.affinity import AffinityNet
+from network.weights import load_trained, saved_model_args
+from tool import transforms as T
+from tool.cli import (add_dataset_args, add_shard_args, non_negative_int, positive_float, positive_int,
+                      run_cli, shard_list)
+from tool.contract import image_ids_in
+from tool.crf import SEED_CRF, dense_crf
+from tool.datasets import DatasetInfo, get_dataset_info
+from tool.distributed import cleanup, setup_distributed
+from tool.fileio import DataError, load_score_dict, read_id_list, read_rgb_image, require_files, save_palette_png
+from tool.logs import config_dict, save_config, setup_logging
+from tool.random_walk import (FEATURE_STRIDE, AffinityGraph, padded_size, random_walk, random_walk_labels,
+                              rw_scores_from_cam_dict)
+from voc12.data import collate_single
+
+logger = logging.getLogger("infer_aff")
+
+# SEAM's --crf: the seed CRF kernels with a single mean-field iteration (imutils.crf_inference, t=1).
+RW_CRF = dataclasses.replace(SEED_CRF, iterations=1)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_dataset_args(parser)
+    add_shard_args(parser)
+    parser.add_argument("--weights", required=True, help="trained AffinityNet (.pth: ours, PSA's or SEAM's)")
+    parser.add_argument("--width_mult", type=positive_float, default=None,
+                        help="backbone width (default: the value saved in the checkpoint, else 1.0)")
+    parser.add_argument("--infer_list", default=None, help="image ids (default: <root>/train.txt)")
+    parser.add_argument("--cam_dir", required=True, help="folder of the CAM dicts <id>.npy (infer_seed.py --out_cam)")
+    parser.add_argument("--out_rw", required=True, help="folder for the random-walk label PNGs")
+    parser.add_argument("--alpha", type=positive_float, default=6.0,
+                        help="background score (1 - max CAM)^alpha (SEAM 6, PSA 16)")
+    parser.add_argument("--beta", type=positive_float, default=8.0, help="affinity exponent (default 8)")
+    parser.add_argument("--logt", type=non_negative_int, default=6,
+                        help="the walk takes 2^logt steps (SEAM 6, PSA 8)")
+    parser.add_argument("--radius", type=positive_int, default=5,
+                        help="pair radius on the stride-8 grid (default 5; small maps use SEAM's rule)")
+    parser.add_argument("--crf", action="store_true",
+                        help="SEAM's option: one dense-CRF iteration on the upsampled walk scores")
+    parser.add_argument("--num_workers", type=non_negative_int, default=4, help="image-reading workers")
+    parser.add_argument("--device", default=None,
+                        help="cpu, cuda or cuda:N (default: cuda when available; torchrun: one GPU a rank)")
+    args = parser.parse_args(argv)
+    if args.device is not None:
+        try:
+            device = torch.device(args.device)
+        except RuntimeError:
+            parser.error(f"--device {args.device!r} is not a torch device")
+        if device.type == "cuda" and not torch.cuda.is_available():
+            parser.error(f"--device {args.device}: CUDA is not available")
+    return args
+
+
+def pad_to_stride(normalized: np.ndarray, stride: int = FEATURE_STRIDE) -> np.ndarray:
+    """Zero-pad a normalised HxWx3 image at the bottom/right to a multiple of ``stride`` (the reference)."""
+    height, width = normalized.shape[:2]
+    padded_h, padded_w = padded_size((height, width), stride)
+    return np.pad(normalized, ((0, padded_h - height), (0, padded_w - width), (0, 0)))
+
+
+class RandomWalkDataset(Dataset):
+    """``{"id", "image" (uint8 HxWx3), "input" (float32 3 x Hp x Wp, normalised, zero-padded),
+    "cam_dict", "cam_path"}``; use :func:`voc12.data.collate_single` with ``batch_size=1``."""
+
+    def __init__(self, info: DatasetInfo, ids: Sequence[str], cam_dir: str, source: str | None = None) -> None:
+        self.info, self.ids, self.cam_dir = info, list(ids), cam_dir
+        origin = source or info.root
+        require_files((info.image_path(image_id) for image_id in self.ids), "images", source=origin)
+        require_files((self.cam_path(image_id) for image_id in self.ids), f"CAM dicts in {cam_dir}", source=origin)
+
+    def cam_path(self, image_id: str) -> str:
+        return os.path.join(self.cam_dir, f"{image_id}.npy")
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        image_id = self.ids[index]
+        image = read_rgb_image(self.info.image_path(image_id))
+        padded = pad_to_stride(T.normalize(image))
+        cam_path = self.cam_path(image_id)
+        return {"id": image_id, "image": image, "input": torch.from_numpy(T.hwc_to_chw(padded)),
+                "cam_dict": load_score_dict(cam_path, self.info.num_classes), "cam_path": cam_path}
+
+
+def load_model(args: argparse.Namespace, device: torch.device) -> AffinityNet:
+    """AffinityNet with strictly loaded weights; the width comes from the checkpoint unless given."""
+    width_mult = args.width_mult or float(saved_model_args(args.weights).get("width_mult", 1.0))
+    model = AffinityNet(width_mult=width_mult, radius=args.radius)
+    load_trained(model, args.weights)
+    model = model.eval().to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def crf_labels(walked: torch.Tensor, padded_input: torch.Tensor, image_hw: tuple[int, int]) -> np.ndarray:
+    """SEAM's ``--crf``: upsample the walked scores to the padded size, one CRF iteration on the
+    de-normalised (truncated, as the reference) padded image, arg-max, crop."""
+    padded_hw = tuple(padded_input.shape[-2:])
+    upsampled = F.interpolate(walked[None].float(), size=padded_hw, mode="bilinear", align_corners=False)[0]
+    rgb = T.denormalize(padded_input.permute(1, 2, 0).cpu().numpy(), truncate=True)
+    probs = dense_crf(rgb, upsampled.cpu().numpy(), **RW_CRF.as_kwargs())
+    return np.argmax(probs, axis=0)[: image_hw[0], : image_hw[1]].astype(np.uint8)
+
+
+def rw_label(model: AffinityNet, item: dict[str, Any], num_classes: int, args: argparse.Namespace,
+             device: torch.device) -> np.ndarray:
+    """The random-walk label map (H, W) uint8 of one dataset item."""
+    image_hw = item["image"].shape[:2]
+    padded_input = item["input"]
+    x = padded_input[None].to(device)
+    if device.type == "cuda":
+        x = x.contiguous(memory_format=torch.channels_last)
+    try:
+        with torch.inference_mode():
+            graph: AffinityGraph = model.affinity_graph(x)
+    except ValueError as error:  # a map too small for any pair
+        raise DataError(f"{item['id']}: image {image_hw[0]}x{image_hw[1]} is too small for the walk ({error})") \
+            from error
+    scores = rw_scores_from_cam_dict(item["cam_dict"], num_classes, args.alpha, image_hw, source=item["cam_path"])
+    walked = random_walk(graph, scores, beta=args.beta, logt=args.logt)
+    if args.crf:
+        return crf_labels(walked, padded_input, image_hw)
+    return random_walk_labels(walked, image_hw)
+
+
+def resolve_device(args: argparse.Namespace) -> tuple[Any, torch.device]:
+    """Join torchrun if present; ``--device`` picks the device of a single process."""
+    use_cuda = torch.cuda.is_available() if args.device is None else torch.device(args.device).type == "cuda"
+    dist = setup_distributed(use_cuda=use_cuda)
+    device = torch.device(args.device) if args.device is not None and not dist.distributed else dist.device
+    return dist, device
+
+
+def run(args: argparse.Namespace) -> int:
+    """Write the PNGs of this process's part of the list; returns the number written."""
+    dist, device = resolve_device(args)
+    try:
+        setup_logging(os.path.join(args.out_rw, "infer_aff.log"), dist.is_main)
+        if dist.is_main:
+            save_config(args, os.path.join(args.out_rw, "infer_aff_config.json"))
+        logger.info("configuration: %s", config_dict(args))
+        info = get_dataset_info(args.dataset, args.voc12_root)
+        infer_list = args.infer_list or info.list_path("train")
+        ids = shard_list(read_id_list(infer_list), args.shard, dist)
+        done = image_ids_in(args.out_rw, ".png")
+        todo = [image_id for image_id in ids if image_id not in done]
+        logger.info("%d of %d images to do (%d already done)", len(todo), len(ids), len(ids) - len(todo))
+        if not todo:
+            return 0
+        dataset = RandomWalkDataset(info, todo, args.cam_dir, source=infer_list)
+        model = load_model(args, device)
+        loader = DataLoader(dataset, batch_size=1, collate_fn=collate_single, num_workers=args.num_workers)
+        for item in tqdm(loader, desc="random walk", disable=not dist.is_main, dynamic_ncols=True):
+            label = rw_label(model, item, info.num_classes, args, device)
+            save_palette_png(os.path.join(args.out_rw, f"{item['id']}.png"), label)
+        return len(todo)
+    finally:
+        cleanup()
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    run(parse_args(argv))
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,259 @@
+"""train_aff.py / infer_aff.py on a 4-image synthetic set: learning, bit-exact resume, a 2-process
+torchrun run, random-walk PNGs, skip-existing, missing inputs and strict weight loading."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import infer_aff
+import train_aff
+from network.avc import AVCNet
+from tool.fileio import DataError, atomic_write_text, read_label_png, save_npy, save_rgb_image
+from tool.training import Trainer, read_checkpoint
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HEIGHT, WIDTH = 56, 60          # width not a multiple of 8: infer_aff pads to 56 x 64 (7 x 8 grid)
+CROP = 56                       # 7 x 7 label grid: SEAM's rule gives radius 3
+IDS = [f"img{i}" for i in range(4)]
+COLOURS = {0: (40, 60, 200), 1: (210, 40, 40), 2: (40, 200, 60)}
+BAND = 4                        # unsure band around each object (la says bg, ha says the class)
+TINY = ["--width_mult", "0.0625", "--num_workers", "0", "--crop_size", str(CROP)]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny convolutions run fastest on one thread (and do not fight other jobs for the cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _one_hot_dict(label: np.ndarray, keys: list[int]) -> dict[int, np.ndarray]:
+    """A CRF-like dict: 0.9 on the label's class, 0.1 shared by the others."""
+    return {key: np.where(label == key, 0.9, 0.1 / (len(keys) - 1)).astype(np.float32) for key in keys}
+
+
+def _write_sample(base: str, image_id: str, rng: np.random.Generator) -> list[int]:
+    """Image, la/ha CRF dicts (1-based) and a CAM dict (0-based) of two rectangles; returns CAM keys."""
+    label = np.zeros((HEIGHT, WIDTH), np.uint8)
+    grown = np.zeros_like(label)
+    for class_id in (1, 2):
+        top, left = rng.integers(BAND, HEIGHT - 24, size=1)[0], rng.integers(BAND, WIDTH - 24, size=1)[0]
+        height, width = rng.integers(14, 20, size=2)
+        label[top:top + height, left:left + width] = class_id
+        grown[top - BAND:top + height + BAND, left - BAND:left + width + BAND] = class_id
+    grown[label > 0] = label[label > 0]
+    palette = np.asarray([COLOURS[c] for c in range(3)], np.float64)
+    image = np.clip(palette[label] + rng.normal(0, 12, (HEIGHT, WIDTH, 3)), 0, 255).astype(np.uint8)
+    save_rgb_image(os.path.join(base, "root", "JPEGImages", f"{image_id}.jpg"), image)
+    keys = [0, 1, 2]
+    save_npy(os.path.join(base, "crf_4.0", f"{image_id}.npy"), _one_hot_dict(label, keys))
+    save_npy(os.path.join(base, "crf_24.0", f"{image_id}.npy"), _one_hot_dict(grown, keys))
+    cams = {class_id - 1: np.clip((label == class_id) * 0.8 + rng.uniform(0, 0.2, label.shape), 0, 1)
+            .astype(np.float32) for class_id in (1, 2)}
+    save_npy(os.path.join(base, "cam", f"{image_id}.npy"), cams)
+    return sorted(cams)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict[str, str]:
+    base = str(tmp_path_factory.mktemp("aff_data"))
+    atomic_write_text(os.path.join(base, "root", "class_names.txt"), "background\nred\ngreen\n")
+    rng = np.random.default_rng(0)
+    for image_id in IDS:
+        _write_sample(base, image_id, rng)
+    paths = {"base": base, "root": os.path.join(base, "root"), "la": os.path.join(base, "crf_4.0"),
+             "ha": os.path.join(base, "crf_24.0"), "cam": os.path.join(base, "cam"),
+             "list": os.path.join(base, "train.txt")}
+    atomic_write_text(paths["list"], "\n".join(IDS) + "\n")
+    return paths
+
+
+def _train_argv(data: dict[str, str], save_dir: str, session: str, *extra: str) -> list[str]:
+    return ["--dataset", "synthetic", "--voc12_root", data["root"], "--train_list", data["list"],
+            "--la_crf_dir", data["la"], "--ha_crf_dir", data["ha"], "--save_dir", save_dir,
+            "--session_name", session, *TINY, *extra]
+
+
+def _log_rows(save_dir: str, session: str) -> list[dict[str, str]]:
+    with open(os.path.join(save_dir, f"{session}_log.csv"), newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+@pytest.fixture(scope="module")
+def trained(data, tmp_path_factory) -> dict[str, str]:
+    """One short from-scratch run, shared by the tests that need AffinityNet weights."""
+    save_dir = str(tmp_path_factory.mktemp("aff_run"))
+    argv = _train_argv(data, save_dir, "aff", "--batch_size", "2", "--max_epoches", "6", "--lr", "0.01",
+                       "--momentum", "0.9")
+    train_aff.run(train_aff.parse_args(argv))
+    return {"save_dir": save_dir, "weights": os.path.join(save_dir, "aff.pth")}
+
+
+def test_training_lowers_the_loss_and_writes_its_records(trained):
+    rows = _log_rows(trained["save_dir"], "aff")
+    assert len(rows) == 12 and set(rows[0]) >= {"step", "lr", "loss", "bg", "fg", "neg"}
+    losses = [float(row["loss"]) for row in rows]
+    for row in rows:  # the total is bg/4 + fg/4 + neg/2 of the logged terms
+        terms = {name: float(row[name]) for name in ("bg", "fg", "neg")}
+        assert float(row["loss"]) == pytest.approx(terms["bg"] / 4 + terms["fg"] / 4 + terms["neg"] / 2, rel=1e-4)
+        assert all(np.isfinite(list(terms.values())))
+    assert np.mean(losses[-3:]) < np.mean(losses[:3])
+    final = read_checkpoint(trained["weights"])
+    assert final["step"] == 12 and final["args"]["width_mult"] == 0.0625
+    assert set(final["model"]) >= {"f8_3.weight", "f8_4.weight", "f8_5.weight", "f9.weight"}
+    with open(os.path.join(trained["save_dir"], "aff_config.json")) as handle:
+        assert json.load(handle)["la_crf_dir"].endswith("crf_4.0")
+
+
+class _Crash(Exception):
+    pass
+
+
+def test_resume_continues_bit_exactly(data, tmp_path, monkeypatch):
+    # Batch 1: 4 steps per epoch, so the crash after step 2 is mid-epoch and the resume skips batches.
+    schedule = ("--batch_size", "1", "--max_epoches", "1", "--save_every", "1", "--lr", "0.01")
+    straight = train_aff.run(train_aff.parse_args(_train_argv(data, str(tmp_path), "straight", *schedule)))
+
+    argv = _train_argv(data, str(tmp_path), "run", *schedule)
+    original_step = Trainer.step
+
+    def crash_after_step_2(self, loss, terms):
+        original_step(self, loss, terms)
+        if self.global_step == 2:
+            raise _Crash()
+
+    monkeypatch.setattr(Trainer, "step", crash_after_step_2)
+    with pytest.raises(_Crash):
+        train_aff.run(train_aff.parse_args(argv))
+    monkeypatch.setattr(Trainer, "step", original_step)
+    assert read_checkpoint(os.path.join(tmp_path, "run_last.pth"))["step"] == 2
+    resumed = train_aff.run(train_aff.parse_args(argv + ["--resume", "auto"]))
+
+    for key, value in straight.state_dict().items():
+        assert torch.equal(value, resumed.state_dict()[key]), key
+    assert _log_rows(str(tmp_path), "straight") == _log_rows(str(tmp_path), "run")
+
+
+def test_missing_crf_dicts_are_listed_in_one_error(data, tmp_path):
+    atomic_write_text(str(tmp_path / "list.txt"), "img0\nghost1\nghost2\n")
+    argv = _train_argv(data, str(tmp_path), "bad", "--train_list", str(tmp_path / "list.txt"))
+    with pytest.raises(DataError) as error:
+        train_aff.run(train_aff.parse_args(argv))
+    message = str(error.value)
+    assert message.startswith("4 low/high-alpha CRF dicts")
+    assert "crf_4.0/ghost1.npy" in message and "crf_24.0/ghost2.npy" in message
+
+
+def test_starts_from_a_classifier_checkpoint(data, tmp_path):
+    """--weights with an AVC checkpoint: its backbone initialises AffinityNet (then frozen)."""
+    avc = AVCNet(num_classes=2, width_mult=0.0625)
+    with torch.no_grad():
+        avc.b4.conv_branch2a.weight.fill_(0.01)
+    weights = str(tmp_path / "avc.pth")
+    torch.save({"model": avc.state_dict(), "args": {"width_mult": 0.0625}}, weights)
+    argv = _train_argv(data, str(tmp_path), "from_avc", "--batch_size", "4", "--max_epoches", "1",
+                       "--weights", weights)
+    model = train_aff.run(train_aff.parse_args(argv))
+    assert torch.equal(model.b2.conv_branch2a.weight, avc.b2.conv_branch2a.weight)  # frozen: unchanged
+    assert not model.b2.conv_branch2a.weight.requires_grad
+    assert not torch.equal(model.b4.conv_branch2a.weight, avc.b4.conv_branch2a.weight)  # trained one step
+    assert torch.allclose(model.b4.conv_branch2a.weight, avc.b4.conv_branch2a.weight, atol=0.01)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_process_torchrun_keeps_identical_weights(data, tmp_path):
+    driver = tmp_path / "driver.py"
+    driver.write_text(
+        "import os, sys, torch\nimport train_aff\n"
+        "model = train_aff.run(train_aff.parse_args(sys.argv[1:]))\n"
+        "torch.save(model.state_dict(), os.path.join(os.path.dirname(__file__), f\"rank{os.environ['RANK']}.pt\"))\n")
+    env = {key: value for key, value in os.environ.items()
+           if key not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=REPO_ROOT)
+    # From scratch, so BatchNorm running statistics train too and must also agree.
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+               "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(driver),
+               *_train_argv(data, str(tmp_path / "ddp"), "ddp", "--batch_size", "2", "--max_epoches", "1")]
+    result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rank0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    rank1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    assert rank0.keys() == rank1.keys()
+    for key in rank0:
+        assert torch.equal(rank0[key], rank1[key]), key
+    final = read_checkpoint(str(tmp_path / "ddp" / "ddp.pth"))
+    assert final["step"] == 2
+    for key, value in final["model"].items():
+        assert torch.equal(value, rank0[key]), key
+
+
+def _infer_argv(data: dict[str, str], weights: str, out_rw: str, *extra: str) -> list[str]:
+    return ["--dataset", "synthetic", "--voc12_root", data["root"], "--weights", weights,
+            "--infer_list", data["list"], "--cam_dir", data["cam"], "--out_rw", out_rw,
+            "--num_workers", "0", "--device", "cpu", *extra]
+
+
+def test_input_is_normalised_then_zero_padded_to_a_multiple_of_8(data):
+    info = infer_aff.get_dataset_info("synthetic", data["root"])
+    item = infer_aff.RandomWalkDataset(info, ["img0"], data["cam"])[0]
+    assert item["image"].shape == (HEIGHT, WIDTH, 3)
+    assert tuple(item["input"].shape) == (3, 56, 64)
+    assert torch.count_nonzero(item["input"][:, :, WIDTH:]) == 0
+    assert torch.count_nonzero(item["input"][:, :, :WIDTH]) > 0
+    assert sorted(item["cam_dict"]) == [0, 1]
+
+
+@pytest.mark.parametrize("crf", [False, True])
+def test_infer_writes_palette_pngs_and_skips_existing(data, trained, tmp_path, crf):
+    out_rw = str(tmp_path / "rw")
+    argv = _infer_argv(data, trained["weights"], out_rw, "--logt", "4", *(["--crf"] if crf else []))
+    assert infer_aff.run(infer_aff.parse_args(argv)) == len(IDS)
+    for image_id in IDS:
+        with Image.open(os.path.join(out_rw, f"{image_id}.png")) as picture:
+            assert picture.mode == "P" and picture.size == (WIDTH, HEIGHT)
+        label = read_label_png(os.path.join(out_rw, f"{image_id}.png"))
+        cam_keys = np.load(os.path.join(data["cam"], f"{image_id}.npy"), allow_pickle=True).item().keys()
+        assert set(np.unique(label)) <= {0} | {key + 1 for key in cam_keys}
+    stamps = {name: os.stat(os.path.join(out_rw, name)).st_mtime_ns for name in os.listdir(out_rw)
+              if name.endswith(".png")}
+    assert infer_aff.run(infer_aff.parse_args(argv)) == 0
+    assert stamps == {name: os.stat(os.path.join(out_rw, name)).st_mtime_ns for name in stamps}
+
+
+def test_infer_missing_cam_dict_is_listed(data, trained, tmp_path):
+    cam_dir = str(tmp_path / "cam")
+    for image_id in IDS[1:]:
+        os.makedirs(cam_dir, exist_ok=True)
+        os.link(os.path.join(data["cam"], f"{image_id}.npy"), os.path.join(cam_dir, f"{image_id}.npy"))
+    argv = _infer_argv(data, trained["weights"], str(tmp_path / "rw"), "--cam_dir", cam_dir)
+    with pytest.raises(DataError, match=r"(?s)1 CAM dicts .*cam/img0\.npy"):
+        infer_aff.run(infer_aff.parse_args(argv))
+    assert not os.path.exists(tmp_path / "rw" / "img1.png")
+
+
+def test_infer_refuses_a_classifier_checkpoint(data, tmp_path):
+    weights = str(tmp_path / "avc.pth")
+    torch.save({"model": AVCNet(num_classes=2, width_mult=0.0625).state_dict(), "args": {"width_mult": 0.0625}},
+               weights)
+    with pytest.raises(DataError) as error:
+        infer_aff.run(infer_aff.parse_args(_infer_argv(data, weights, str(tmp_path / "rw"))))
+    message = str(error.value)
+    assert "does not match AffinityNet" in message
+    assert "missing keys" in message and "f8_5.weight" in message
+    assert "unexpected keys" in message and "fc8.weight" in message

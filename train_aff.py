@@ -1,0 +1,131 @@
+"""Stage 3: train AffinityNet from the low/high-alpha CRF dicts of the seeds (PSA/SEAM ``train_aff.py``).
+
+Labels (``voc12/affinity_dataset.py``): the la/ha CRF dicts are cropped and flipped with the
+image, pooled by 8 and fused (la class where la is confident foreground, 0 where ha still says
+background, 255 unsure); pairs within radius 5 on the stride-8 grid are background-positive,
+foreground-positive or negative. Loss (``network.affinity.affinity_loss``): bg/4 + fg/4 + neg/2
+with -log(aff) for positives and -log(1 - aff) for negatives.
+
+    python train_aff.py --voc12_root VOC2012 --weights ilsvrc-cls_rna-a1_cls1000_ep-0001.params \\
+        --la_crf_dir out/crf_4.0 --ha_crf_dir out/crf_24.0 --session_name resnet38_aff
+    torchrun --nproc_per_node 4 train_aff.py ...        # same flags, DistributedDataParallel
+
+``--weights``: the ImageNet ``.params`` file, or a trained classifier ``.pth`` (ours or SEAM's)
+whose backbone initialises AffinityNet (then frozen the SEAM way); none trains from scratch.
+Writes ``<save_dir>/<session>.pth`` (final), ``<session>_last.pth`` (for ``--resume auto``),
+``<session>_config.json`` and ``<session>_log.csv`` (bg, fg, neg and the total per step).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from typing import Sequence
+
+import torch
+
+from network.affinity import AffinityNet, affinity_loss
+from network.weights import start_from_weights
+from tool.cli import add_dataset_args, add_model_args, add_training_args, run_cli
+from tool.datasets import get_dataset_info
+from tool.distributed import cleanup, setup_distributed
+from tool.fileio import read_id_list, require_files
+from tool.logs import save_config, setup_logging
+from tool.training import (EpochBatchSampler, PolyLR, Trainer, make_loader, make_sgd, parameter_groups,
+                           prepare_model, seed_everything, unwrap_model)
+from train_deeplab import broadcast_buffers_from_main
+from voc12.affinity_dataset import LABEL_STRIDE, AffinityDataset
+
+logger = logging.getLogger("train_aff")
+
+LOSS_TERMS = ("bg", "fg", "neg")
+# PSA/SEAM pair radius on the stride-8 grid (smaller maps follow SEAM's rule automatically).
+AFFINITY_RADIUS = 5
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_dataset_args(parser)
+    add_model_args(parser)
+    add_training_args(parser, batch_size=8, max_epoches=8, lr=0.1, wt_dec=5e-4, crop_size=448,
+                      session_name="resnet38_aff", num_workers=8)
+    parser.add_argument("--train_list", default=None, metavar="FILE",
+                        help="image ids to train on (default: <root>/train_aug.txt)")
+    parser.add_argument("--la_crf_dir", required=True, metavar="DIR",
+                        help="low-alpha CRF dicts <id>.npy (infer_seed.py: <out_crf>_4.0)")
+    parser.add_argument("--ha_crf_dir", required=True, metavar="DIR",
+                        help="high-alpha CRF dicts <id>.npy (infer_seed.py: <out_crf>_24.0)")
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.crop_size % LABEL_STRIDE:
+        parser.error(f"--crop_size must be a multiple of {LABEL_STRIDE} (the label grid), got {args.crop_size}")
+    return args
+
+
+def require_crf_dicts(ids: Sequence[str], la_dir: str, ha_dir: str, source: str) -> None:
+    """One DataError listing the first ten missing la/ha CRF dicts and their count."""
+    paths = [AffinityDataset.crf_path(folder, image_id) for folder in (la_dir, ha_dir) for image_id in ids]
+    require_files(paths, "low/high-alpha CRF dicts", source=source)
+
+
+def run(args: argparse.Namespace) -> AffinityNet:
+    """Train as the flags say; returns the trained (unwrapped) model."""
+    dist = setup_distributed()
+    try:
+        setup_logging(os.path.join(args.save_dir, f"{args.session_name}.log"), dist.is_main)
+        seed_everything(args.seed + dist.rank)
+        info = get_dataset_info(args.dataset, args.voc12_root)
+        train_list = args.train_list or info.list_path("train_aug")
+        train_ids = read_id_list(train_list)
+        require_crf_dicts(train_ids, args.la_crf_dir, args.ha_crf_dir, train_list)
+        dataset = AffinityDataset(info, train_ids, args.la_crf_dir, args.ha_crf_dir, crop_size=args.crop_size,
+                                  radius=AFFINITY_RADIUS, seed=args.seed, source=train_list)
+        logger.info("%d training images from %s (%s), CRF dicts from %s and %s", len(dataset), train_list,
+                    info.name, args.la_crf_dir, args.ha_crf_dir)
+
+        model = AffinityNet(width_mult=args.width_mult, radius=AFFINITY_RADIUS)
+        start_from_weights(model, args.weights)
+        optimizer = make_sgd(parameter_groups(model, args.lr, args.wt_dec), momentum=args.momentum)
+        model = prepare_model(model, dist)
+        sampler = EpochBatchSampler(len(dataset), args.batch_size, seed=args.seed,
+                                    rank=dist.rank, world_size=dist.world_size)
+        max_step = sampler.batches_per_epoch * args.max_epoches
+        trainer = Trainer(model, optimizer, PolyLR(optimizer, max_step), dist, max_step=max_step,
+                          steps_per_epoch=sampler.batches_per_epoch, loss_names=LOSS_TERMS,
+                          save_dir=args.save_dir, session_name=args.session_name,
+                          save_every=args.save_every, args=args, amp=args.amp)
+        if dist.is_main:
+            save_config(args, os.path.join(args.save_dir, f"{args.session_name}_config.json"))
+        trainer.resume(args.resume)
+        logger.info("%d steps of batch %d (%d per epoch)", max_step, args.batch_size, sampler.batches_per_epoch)
+
+        model.train()
+        for _ in trainer.epochs(sampler):
+            for _, images, pair_labels in trainer.progress(make_loader(dataset, sampler, args.num_workers)):
+                images = images.to(dist.device, non_blocking=True)
+                if dist.device.type == "cuda":
+                    images = images.contiguous(memory_format=torch.channels_last)
+                bg_pos, fg_pos, neg = (labels.to(dist.device, non_blocking=True) for labels in pair_labels)
+                with trainer.autocast():
+                    affinities = model(images)
+                terms = affinity_loss(affinities, bg_pos, fg_pos, neg)  # float32, outside autocast
+                total = terms.pop("total")
+                trainer.step(total, terms)
+        # From scratch, BatchNorm statistics differ between ranks after the last forward.
+        broadcast_buffers_from_main(model)
+        logger.info("final weights: %s", trainer.finish())
+        return unwrap_model(model)
+    finally:
+        cleanup()
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    run(parse_args(argv))
+
+
+if __name__ == "__main__":
+    run_cli(main)
