@@ -210,7 +210,7 @@ def write_curve_outputs(curve: Mapping[str, Any], out_dir: str, comment: str = "
     """Write ``curve.png`` (mIoU vs threshold), ``curve.json`` and ``curve.csv`` (per threshold, per class)."""
     os.makedirs(out_dir, exist_ok=True)
     paths = {name.split(".")[1]: os.path.join(out_dir, name) for name in CURVE_FILES}
-    atomic_write_text(paths["json"], json.dumps(_json_ready(dict(curve, comment=comment)), indent=1) + "\n")
+    write_json(paths["json"], curve, comment)
 
     text = io.StringIO()
     writer = csv.writer(text, lineterminator="\n")
@@ -296,6 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num_workers", type=int, default=1, help="processes reading the images")
     parser.add_argument("--comment", default="", help="text written to the log file with the results")
     parser.add_argument("--logfile", default=None, help="append the results to this file (SEAM's format)")
+    parser.add_argument("--out_json", default=None,
+                        help="also write every number of the result (or of the curve) to this JSON file")
     return parser
 
 
@@ -326,6 +328,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         print("curve written to " + ", ".join(paths.values()))
         if args.logfile:
             append_log(args.logfile, args.comment, {"mIoU": curve["miou_percent"]})
+        write_json(args.out_json, curve, args.comment)
         return curve
 
     results = evaluate(args.predict_dir, gt_dir, image_ids, class_names, input_type=args.type,
@@ -335,7 +338,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         metrics = dict(zip(results["class_names"], results["iou_percent"]))
         metrics["mIoU"] = results["miou_percent"]
         append_log(args.logfile, args.comment, metrics)
+    write_json(args.out_json, results, args.comment)
     return results
+
+
+def write_json(path: str | None, results: Mapping[str, Any], comment: str) -> None:
+    if path:
+        atomic_write_text(path, json.dumps(_json_ready(dict(results, comment=comment)), indent=1) + "\n")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

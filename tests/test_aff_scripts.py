@@ -2,6 +2,7 @@
 torchrun run, random-walk PNGs, skip-existing, missing inputs and strict weight loading."""
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import os
@@ -18,8 +19,10 @@ import infer_aff
 import train_aff
 from network.avc import AVCNet
 from tool.fileio import DataError, atomic_write_text, read_label_png, save_npy, save_rgb_image
+from tool.random_walk import AffinityGraph
 from tool.training import Trainer, read_checkpoint
 
+REFERENCE = "/work/shared/reference"
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HEIGHT, WIDTH = 56, 60          # width not a multiple of 8: infer_aff pads to 56 x 64 (7 x 8 grid)
 CROP = 56                       # 7 x 7 label grid: SEAM's rule gives radius 3
@@ -94,8 +97,7 @@ def _log_rows(save_dir: str, session: str) -> list[dict[str, str]]:
 def trained(data, tmp_path_factory) -> dict[str, str]:
     """One short from-scratch run, shared by the tests that need AffinityNet weights."""
     save_dir = str(tmp_path_factory.mktemp("aff_run"))
-    argv = _train_argv(data, save_dir, "aff", "--batch_size", "2", "--max_epoches", "6", "--lr", "0.01",
-                       "--momentum", "0.9")
+    argv = _train_argv(data, save_dir, "aff", "--batch_size", "2", "--max_epoches", "6")  # PSA: lr 0.1, no momentum
     train_aff.run(train_aff.parse_args(argv))
     return {"save_dir": save_dir, "weights": os.path.join(save_dir, "aff.pth")}
 
@@ -108,7 +110,7 @@ def test_training_lowers_the_loss_and_writes_its_records(trained):
         terms = {name: float(row[name]) for name in ("bg", "fg", "neg")}
         assert float(row["loss"]) == pytest.approx(terms["bg"] / 4 + terms["fg"] / 4 + terms["neg"] / 2, rel=1e-4)
         assert all(np.isfinite(list(terms.values())))
-    assert np.mean(losses[-3:]) < np.mean(losses[:3])
+    assert np.mean(losses[-3:]) < 0.92 * np.mean(losses[:3])
     final = read_checkpoint(trained["weights"])
     assert final["step"] == 12 and final["args"]["width_mult"] == 0.0625
     assert set(final["model"]) >= {"f8_3.weight", "f8_4.weight", "f8_5.weight", "f9.weight"}
@@ -201,6 +203,29 @@ def test_two_process_torchrun_keeps_identical_weights(data, tmp_path):
     assert final["step"] == 2
     for key, value in final["model"].items():
         assert torch.equal(value, rank0[key]), key
+
+
+def test_rw_label_reproduces_the_reference_script():
+    """infer_aff's per-image path (CAM dict -> scores -> walk -> upsample -> crop) on the reference
+    affinities of a 90 x 117 image (padded 96 x 120, grid 12 x 15) gives the reference PNG."""
+    paths = [os.path.join(REFERENCE, name) for name in ("rw_common.npz", "rw_a6_t8.npz")]
+    if not all(os.path.isfile(path) for path in paths):
+        pytest.skip("reference vectors not available")
+    common, expected = np.load(paths[0]), np.load(paths[1])
+
+    class ReferenceAffinities:
+        def affinity_graph(self, x: torch.Tensor) -> AffinityGraph:
+            assert tuple(x.shape) == (1, 3, 96, 120)
+            return AffinityGraph.from_pairs(torch.from_numpy(common["aff_pairs"][0]), 5, (12, 15))
+
+    item = {"id": "ref", "image": common["image"], "input": torch.zeros(3, 96, 120), "cam_path": "ref.npy",
+            "cam_dict": {int(k): v for k, v in zip(common["cam_keys"], common["cam_values"])}}
+    args = argparse.Namespace(alpha=float(expected["alpha"]), beta=float(expected["beta"]),
+                              logt=int(expected["logt"]), crf=False)
+    label = infer_aff.rw_label(ReferenceAffinities(), item, 20, args, torch.device("cpu"))
+    clear = expected["label_margin"] > 1e-4  # the README's near-ties
+    np.testing.assert_array_equal(label[clear], expected["label"][clear])
+    assert label.shape == (90, 117) and np.count_nonzero(label != expected["label"]) <= 1
 
 
 def _infer_argv(data: dict[str, str], weights: str, out_rw: str, *extra: str) -> list[str]:

@@ -166,3 +166,18 @@ def test_main_exits_with_message_not_traceback(folders, capsys):
     code = evaluation.main(["--list", folders["list"], "--predict_dir", folders["png"], "--gt_dir", folders["gt"],
                             "--curve"])
     assert code == 2 and "--type npy" in capsys.readouterr().err
+
+
+def test_out_json_holds_the_printed_numbers(tmp_path):
+    label = np.array([[0, 1, 1], [0, 0, 255]], np.uint8)
+    prediction = np.array([[0, 1, 0], [0, 0, 1]], np.uint8)
+    save_palette_png(str(tmp_path / "gt" / "a.png"), label)
+    save_palette_png(str(tmp_path / "pred" / "a.png"), prediction)
+    (tmp_path / "list.txt").write_text("a\n")
+    out_json = tmp_path / "out" / "result.json"
+    assert evaluation.main(["--list", str(tmp_path / "list.txt"), "--predict_dir", str(tmp_path / "pred"),
+                 "--gt_dir", str(tmp_path / "gt"), "--out_json", str(out_json), "--comment", "hand"]) == 0
+    result = json.loads(out_json.read_text())
+    # background: TP 3, P 4, T 3 -> 3/4; class 1: TP 1, P 1, T 2 -> 1/2 (the void pixel is ignored)
+    assert result["iou"][:2] == pytest.approx([0.75, 0.5])
+    assert result["comment"] == "hand"

@@ -1,0 +1,102 @@
+"""End to end: every stage script, run by run_pipeline.py on a tiny synthetic dataset.
+
+Runs the real CLIs as separate processes (the 'tiny' profile: a few images, one epoch, a few
+iterations), then checks the results table, the resume (a second run redoes nothing) and the
+results page in a real headless browser.
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STAGES = ("generate", "prepare", "train_avc", "infer_seed", "eval_seed", "refine_mask", "eval_crf", "train_aff",
+          "infer_aff", "eval_rw", "train_deeplab", "test_deeplab", "eval_deeplab", "test_deeplab_samples")
+
+
+def run_pipeline(*flags: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "run_pipeline.py", "--profile", "tiny", *flags], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    work_dir = tmp_path_factory.mktemp("pipeline")
+    results_dir = work_dir / "results"
+    completed = run_pipeline("--work_dir", str(work_dir), "--results_dir", str(results_dir))
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    return work_dir, results_dir, completed.stdout
+
+
+def test_every_stage_ran_and_printed_its_command(tiny_run):
+    work_dir, _, stdout = tiny_run
+    for stage in STAGES:
+        marker = json.loads((work_dir / "stages" / f"{stage}.json").read_text())
+        assert marker["seconds"] > 0
+        assert f"==> [{stage}]" in stdout
+    assert "$ python train_avc.py --dataset synthetic" in stdout
+
+
+def test_results_table_has_every_row_with_a_number(tiny_run):
+    _, results_dir, stdout = tiny_run
+    summary = json.loads((results_dir / "summary.json").read_text())
+    rows = {row["row"]: row for row in summary["rows"]}
+    assert list(rows) == ["Seed", "+CRF", "Mask (random walk)", "DeepLabV1"]
+    for row in rows.values():
+        assert 0.0 <= row["miou"] <= 100.0
+    assert 0.0 <= rows["Seed"]["bg_threshold"] <= 0.59
+    markdown = (results_dir / "summary.md").read_text()
+    assert markdown in stdout  # the printed table is the written one
+    assert {stage["stage"] for stage in summary["stages"]} == set(STAGES)
+
+
+def test_second_run_resumes_without_redoing_anything(tiny_run):
+    work_dir, results_dir, _ = tiny_run
+    completed = run_pipeline("--work_dir", str(work_dir), "--results_dir", str(results_dir))
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    assert "==> [" not in completed.stdout
+    assert completed.stdout.count("done earlier") == len(STAGES)
+
+
+def test_only_reruns_one_stage(tiny_run):
+    work_dir, results_dir, _ = tiny_run
+    completed = run_pipeline("--work_dir", str(work_dir), "--results_dir", str(results_dir), "--only", "eval_rw")
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    assert completed.stdout.count("==> [") == 1 and "==> [eval_rw]" in completed.stdout
+
+
+def chromium() -> str:
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        path = shutil.which(name)
+        if path:
+            return path
+    raise AssertionError("no Chromium on PATH: .ci/run installs the Debian package 'chromium'")
+
+
+def browser_flags(tmp_path) -> list[str]:
+    return ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync",
+            f"--user-data-dir={tmp_path / 'profile'}", "--allow-file-access-from-files"]
+
+
+def test_results_page_renders_in_a_real_browser(tiny_run, tmp_path):
+    _, results_dir, _ = tiny_run
+    page = results_dir / "index.html"
+    url = page.as_uri()
+    dom = subprocess.run([chromium(), *browser_flags(tmp_path), "--virtual-time-budget=5000", "--dump-dom", url],
+                         capture_output=True, text=True, timeout=120).stdout
+    # The page's own script counts the images that did not load after the load event.
+    assert 'data-broken="0"' in dom, dom[:2000]
+    images = int(dom.split('data-images="')[1].split('"')[0])
+    assert images >= 1 + 3 * 7  # the curve plus 3 samples x 7 columns
+    screenshot = tmp_path / "page.png"
+    subprocess.run([chromium(), *browser_flags(tmp_path), "--window-size=1280,900",
+                    f"--screenshot={screenshot}", url], capture_output=True, timeout=120)
+    pixels = np.asarray(Image.open(screenshot).convert("L"), dtype=np.float32)
+    assert pixels.std() > 10  # not blank
