@@ -27,14 +27,14 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from network.affinity import AffinityNet
-from network.weights import load_trained, saved_model_args
+from network.weights import load_trained, trained_width
 from tool import transforms as T
-from tool.cli import (add_dataset_args, add_shard_args, non_negative_int, positive_float, positive_int,
-                      run_cli, shard_list)
+from tool.cli import (add_dataset_args, add_inference_model_args, add_shard_args, non_negative_int, positive_float,
+                      positive_int, run_cli, shard_list)
 from tool.contract import image_ids_in
 from tool.crf import SEED_CRF, dense_crf
 from tool.datasets import DatasetInfo, get_dataset_info
-from tool.distributed import cleanup, setup_distributed
+from tool.distributed import DistInfo, cleanup, setup_distributed
 from tool.fileio import DataError, load_score_dict, read_id_list, read_rgb_image, require_files, save_palette_png
 from tool.logs import config_dict, save_config, setup_logging
 from tool.random_walk import (FEATURE_STRIDE, AffinityGraph, padded_size, random_walk, random_walk_labels,
@@ -52,8 +52,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     add_dataset_args(parser)
     add_shard_args(parser)
     parser.add_argument("--weights", required=True, help="trained AffinityNet (.pth: ours, PSA's or SEAM's)")
-    parser.add_argument("--width_mult", type=positive_float, default=None,
-                        help="backbone width (default: the value saved in the checkpoint, else 1.0)")
+    add_inference_model_args(parser)
     parser.add_argument("--infer_list", default=None, help="image ids (default: <root>/train.txt)")
     parser.add_argument("--cam_dir", required=True, help="folder of the CAM dicts <id>.npy (infer_seed.py --out_cam)")
     parser.add_argument("--out_rw", required=True, help="folder for the random-walk label PNGs")
@@ -114,8 +113,7 @@ class RandomWalkDataset(Dataset):
 
 def load_model(args: argparse.Namespace, device: torch.device) -> AffinityNet:
     """AffinityNet with strictly loaded weights; the width comes from the checkpoint unless given."""
-    width_mult = args.width_mult or float(saved_model_args(args.weights).get("width_mult", 1.0))
-    model = AffinityNet(width_mult=width_mult, radius=args.radius)
+    model = AffinityNet(width_mult=trained_width(args.weights, args.width_mult), radius=args.radius)
     load_trained(model, args.weights)
     model = model.eval().to(device)
     if device.type == "cuda":
@@ -154,7 +152,7 @@ def rw_label(model: AffinityNet, item: dict[str, Any], num_classes: int, args: a
     return random_walk_labels(walked, image_hw)
 
 
-def resolve_device(args: argparse.Namespace) -> tuple[Any, torch.device]:
+def resolve_device(args: argparse.Namespace) -> tuple[DistInfo, torch.device]:
     """Join torchrun if present; ``--device`` picks the device of a single process."""
     use_cuda = torch.cuda.is_available() if args.device is None else torch.device(args.device).type == "cuda"
     dist = setup_distributed(use_cuda=use_cuda)

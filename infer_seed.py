@@ -24,9 +24,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from network.avc import AVCNet
-from network.weights import load_trained, saved_model_args
+from network.weights import load_trained, trained_width
 from tool.cam import cam_dict_from, fuse_cams, seed_from_cam_dict
-from tool.cli import add_dataset_args, add_shard_args, non_negative_int, run_cli, shard_list
+from tool.cli import (add_dataset_args, add_inference_model_args, add_shard_args, non_negative_int, run_cli,
+                      shard_list)
 from tool.contract import HIGH_ALPHA, LOW_ALPHA, crf_dir
 from tool.crf import write_crf_dicts
 from tool.datasets import get_dataset_info
@@ -45,8 +46,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     add_dataset_args(parser)
     add_shard_args(parser)
     parser.add_argument("--weights", required=True, help="trained AVC/SEAM classifier (.pth)")
-    parser.add_argument("--width_mult", type=float, default=None,
-                        help="backbone width (default: the value saved in the checkpoint, else 1.0)")
+    add_inference_model_args(parser)
     parser.add_argument("--infer_list", default=None, help="image ids (default: <root>/train.txt)")
     parser.add_argument("--scales", type=float, nargs="+", default=(0.5, 1.0, 1.5, 2.0))
     parser.add_argument("--out_cam", default=None, help="folder for the CAM dicts (.npy)")
@@ -87,8 +87,7 @@ def output_paths(args: argparse.Namespace, image_id: str) -> list[str]:
 
 
 def build_model(args: argparse.Namespace, num_classes: int, device: torch.device) -> AVCNet:
-    width_mult = args.width_mult or saved_model_args(args.weights).get("width_mult", 1.0)
-    model = AVCNet(num_classes=num_classes, width_mult=width_mult)
+    model = AVCNet(num_classes=num_classes, width_mult=trained_width(args.weights, args.width_mult))
     load_trained(model, args.weights)
     model.eval().to(device)
     if device.type == "cuda":

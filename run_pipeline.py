@@ -30,6 +30,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     roots = parser.add_mutually_exclusive_group()
     roots.add_argument("--voc12_root", help="PASCAL VOC 2012 root (+ SegmentationClassAug): published config")
     roots.add_argument("--coco_root", help="MS COCO 2014 root: published config")
+    parser.add_argument("--weights", default=None,
+                        help="ImageNet ResNet38 weights (ilsvrc-cls_rna-a1_cls1000_ep-0001.params) for "
+                             "every training stage; required by the voc12 and coco14 profiles")
     parser.add_argument("--profile", choices=sorted(PROFILES), default=None,
                         help="configuration (default: synthetic, or voc12/coco14 when a root is given)")
     parser.add_argument("--work_dir", default=None, help="intermediate outputs (default: runs/<profile>)")
@@ -42,6 +45,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.profile is None:
         args.profile = "voc12" if args.voc12_root else "coco14" if args.coco_root else "synthetic"
     args.work_dir = args.work_dir or os.path.join("runs", args.profile)
+    if args.profile in ("voc12", "coco14") and not args.weights and not args.dry_run:
+        parser.error(f"the {args.profile} profile starts from ImageNet weights: give --weights "
+                     "ilsvrc-cls_rna-a1_cls1000_ep-0001.params")
     return args
 
 
@@ -50,7 +56,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     profile = PROFILES[args.profile]
     data_root = args.voc12_root or args.coco_root or os.path.join(args.work_dir, "data")
     ctx = Context(args.profile, profile, Paths.under(os.path.abspath(args.work_dir), os.path.abspath(data_root),
-                                       os.path.abspath(args.results_dir)))
+                                       os.path.abspath(args.results_dir)),
+                  imagenet_weights=args.weights and os.path.abspath(args.weights))
     stages = build_stages(ctx)
     names = [stage.name for stage in stages]
     chosen = args.only or args.from_stage

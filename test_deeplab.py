@@ -33,9 +33,10 @@ from tqdm import tqdm
 
 import evaluation
 from network.deeplab import DeepLabV1
-from network.weights import load_trained
+from network.weights import load_trained, trained_width
 from tool import transforms as T
-from tool.cli import add_dataset_args, add_model_args, add_shard_args, non_negative_int, run_cli, shard_list
+from tool.cli import (add_dataset_args, add_inference_model_args, add_shard_args, non_negative_int, run_cli,
+                      shard_list)
 from tool.crf import DEEPLAB_TEST_CRF, dense_crf
 from tool.datasets import DatasetInfo, get_dataset_info
 from tool.distributed import barrier, cleanup, setup_distributed
@@ -124,7 +125,7 @@ def output_paths(out_dir: str, image_id: str, submission: bool) -> list[str]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_dataset_args(parser)
-    add_model_args(parser)
+    add_inference_model_args(parser)
     add_shard_args(parser)
     parser.add_argument("--weights", required=True, metavar="PATH", help="trained DeepLabV1 checkpoint (.pth)")
     parser.add_argument("--infer_list", required=True, metavar="FILE", help="ids of the images to segment")
@@ -152,7 +153,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def load_model(args: argparse.Namespace, info: DatasetInfo, device: torch.device) -> DeepLabV1:
-    model = DeepLabV1(num_classes=info.num_classes, width_mult=args.width_mult)
+    model = DeepLabV1(num_classes=info.num_classes, width_mult=trained_width(args.weights, args.width_mult))
     load_trained(model, args.weights)
     model = model.eval().to(device)
     if device.type == "cuda":

@@ -33,7 +33,6 @@ from tool.fileio import read_id_list, require_files
 from tool.logs import save_config, setup_logging
 from tool.training import (EpochBatchSampler, PolyLR, Trainer, make_loader, make_sgd, parameter_groups,
                            prepare_model, seed_everything, unwrap_model)
-from train_deeplab import broadcast_buffers_from_main
 from voc12.affinity_dataset import LABEL_STRIDE, AffinityDataset
 
 logger = logging.getLogger("train_aff")
@@ -115,8 +114,6 @@ def run(args: argparse.Namespace) -> AffinityNet:
                 terms = affinity_loss(affinities, bg_pos, fg_pos, neg)  # float32, outside autocast
                 total = terms.pop("total")
                 trainer.step(total, terms)
-        # From scratch, BatchNorm statistics differ between ranks after the last forward.
-        broadcast_buffers_from_main(model)
         logger.info("final weights: %s", trainer.finish())
         return unwrap_model(model)
     finally:

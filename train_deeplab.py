@@ -22,7 +22,6 @@ import os
 from typing import Sequence
 
 import torch
-import torch.distributed as torch_dist
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
@@ -33,7 +32,7 @@ from tool.cli import (add_dataset_args, add_model_args, add_training_args, non_n
                       positive_float, run_cli, shard_list)
 from tool.contract import IGNORE_LABEL
 from tool.datasets import DatasetInfo, get_dataset_info
-from tool.distributed import DistInfo, cleanup, is_distributed, setup_distributed
+from tool.distributed import DistInfo, cleanup, setup_distributed
 from tool.fileio import read_id_list
 from tool.logs import CsvLogger, save_config, setup_logging
 from tool.metrics import ConfusionMatrix
@@ -118,18 +117,6 @@ def validate(model: nn.Module, dataset: SegmentationDataset | None, num_labels: 
     return confusion.mean_iou()
 
 
-def broadcast_buffers_from_main(model: nn.Module) -> None:
-    """Give every rank rank 0's buffers (BatchNorm running statistics).
-
-    DDP broadcasts them at the start of each forward, so rank 0's are the ones in effect
-    and in the checkpoint; after the last forward the ranks' copies differ until this call.
-    """
-    if not is_distributed():
-        return
-    for buffer in unwrap_model(model).buffers():
-        torch_dist.broadcast(buffer, src=0)
-
-
 def run(args: argparse.Namespace) -> DeepLabV1:
     """Train as the flags say; returns the trained (unwrapped) model."""
     dist = setup_distributed()
@@ -196,7 +183,6 @@ def run(args: argparse.Namespace) -> DeepLabV1:
                     validated_at = trainer.global_step
         if args.val_list and validated_at != trainer.global_step:
             validate_now()
-        broadcast_buffers_from_main(model)
         trainer.finish()
         return unwrap_model(model)
     finally:

@@ -17,6 +17,7 @@ import torch
 
 from network.avc import AVCNet, avc_training_losses
 from tool.multiscale import forward_views, forward_views_unbatched
+from tool.training import autocast_context
 
 
 def views_for(image: torch.Tensor, scales: tuple[float, ...]) -> list[torch.Tensor]:
@@ -53,7 +54,7 @@ def time_training(model: AVCNet, args: argparse.Namespace, device: torch.device)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
     images = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device)
     labels = (torch.rand(args.batch_size, model.num_classes, device=device) > 0.5).float()
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    amp = autocast_context(device)
     elapsed = 0.0
     for step in range(args.train_steps + 1):
         start = time.perf_counter()

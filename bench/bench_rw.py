@@ -1,7 +1,12 @@
 """Time and peak memory of the sparse random walk against the dense matrix-power baseline.
 
     python -m bench.bench_rw                       # grids 32, 48, 64, 80; 21 channels; beta 8, logt 8
-    python -m bench.bench_rw --sizes 32 48 --repeat 1
+    python -m bench.bench_rw --sizes 32 48 --repeat 1 --threads 1
+    python -m bench.bench_rw --method power        # the exact 2^logt-product walk instead of Chebyshev
+
+One table row per (torch threads, grid); ``--threads 1 0`` (the default) gives 1 thread and
+torch's default (0). The 1-minute load average at the start of each row is shown, since the
+timings are only comparable on a quiet machine.
 
 Each (grid, method) case runs in a fresh subprocess, so its peak memory is its own. RSS counts
 torch's CPU tensors (tracemalloc does not): after the inputs are built the kernel's peak-RSS mark
@@ -17,6 +22,8 @@ score maps whose arg-max follows the regions. Both methods get identical inputs;
 from __future__ import annotations
 
 import argparse
+import functools
+import itertools
 import os
 import resource
 import subprocess
@@ -30,7 +37,7 @@ import torch
 from bench.dense_rw_baseline import dense_random_walk
 from network.affinity import pair_affinities
 from tool.affinity import affinity_radius
-from tool.random_walk import AffinityGraph, random_walk, random_walk_labels
+from tool.random_walk import WALK_METHODS, AffinityGraph, random_walk, random_walk_labels
 
 METHODS = ("sparse", "dense")
 
@@ -73,13 +80,14 @@ def reset_peak_rss() -> float | None:
 
 
 def run_case(method: str, size: int, channels: int, beta: float, logt: int, repeat: int, device: str,
-             out_path: str) -> None:
+             out_path: str, walk_method: str = "chebyshev", dtype: torch.dtype = torch.float64) -> None:
     """Worker: one method on one grid; writes time, memory, walked scores and labels to ``out_path``."""
     graph, scores = synthetic_inputs(size, channels)
     graph = AffinityGraph(graph.weights.to(device), graph.ind_from.to(device), graph.ind_to.to(device),
                           graph.feat_hw)
     scores = scores.to(device)
-    walk_fn = random_walk if method == "sparse" else dense_random_walk
+    walk_fn = (functools.partial(random_walk, dtype=dtype, method=walk_method) if method == "sparse"
+               else dense_random_walk)
     # Warm up on a tiny grid: the first call pays one-off kernel and thread-pool start-up.
     warm_graph, warm_scores = synthetic_inputs(12, channels)
     walk_fn(AffinityGraph(warm_graph.weights.to(device), warm_graph.ind_from.to(device),
@@ -108,14 +116,13 @@ def run_case(method: str, size: int, channels: int, beta: float, logt: int, repe
              process_peak=np.array(peak_rss_mib()), walked=walked.cpu().numpy(), labels=labels)
 
 
-def spawn_case(method: str, size: int, args: argparse.Namespace, folder: str) -> dict:
-    out_path = os.path.join(folder, f"{method}_{size}.npz")
+def spawn_case(method: str, size: int, threads: int, args: argparse.Namespace, folder: str) -> dict:
+    out_path = os.path.join(folder, f"{method}_{size}_{threads}.npz")
     repeat = args.repeat if method == "sparse" else 1                     # the dense case is slow
     command = [sys.executable, "-m", "bench.bench_rw", "--worker", method, "--sizes", str(size),
                "--channels", str(args.channels), "--beta", str(args.beta), "--logt", str(args.logt),
-               "--repeat", str(repeat), "--device", args.device, "--out", out_path]
-    if args.threads:
-        command += ["--threads", str(args.threads)]
+               "--repeat", str(repeat), "--device", args.device, "--out", out_path, "--threads", str(threads),
+               "--method", args.method, "--dtype", args.dtype]
     # Fixed mmap threshold: tensors over 64 KiB get their own pages and give them back when freed,
     # so RSS follows the live tensors instead of reused heap memory.
     subprocess.run(command, check=True, env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"})
@@ -139,28 +146,34 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--logt", type=int, default=8)
     parser.add_argument("--repeat", type=int, default=3, help="repetitions of the sparse walk (best is kept)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads in each case (default: torch's choice). The sparse walk is "
-                             "2^logt small products: on a CPU shared with other jobs, 1 thread avoids "
-                             "waiting at thread barriers")
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 0],
+                        help="torch CPU threads in each case, one table block per value; 0 = torch's default "
+                             "(default: 1 0). The sparse walk is a chain of small products: on a CPU shared "
+                             "with other jobs, 1 thread avoids waiting at thread barriers")
+    parser.add_argument("--method", choices=WALK_METHODS, default="chebyshev", help="sparse walk method")
+    parser.add_argument("--dtype", choices=("float64", "float32"), default="float64", help="sparse walk dtype")
     parser.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     if args.worker:
-        run_case(args.worker, args.sizes[0], args.channels, args.beta, args.logt, args.repeat, args.device, args.out)
+        if args.threads[0] > 0:
+            torch.set_num_threads(args.threads[0])
+        run_case(args.worker, args.sizes[0], args.channels, args.beta, args.logt, args.repeat, args.device, args.out,
+                 args.method, getattr(torch, args.dtype))
         return
 
-    print(f"device {args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"{args.channels} channels, beta {args.beta:g}, logt {args.logt}; time = best of {args.repeat} "
-          f"(sparse) / 1 run (dense); memory = peak RSS increase during the walk (process peak)\n")
-    rows = ["| grid | N | dense time (s) | sparse time (s) | speed-up | dense walk peak MiB (process) | "
-            "sparse walk peak MiB (process) | memory ratio | max rel. score diff | labels differing |",
-            "|---|---|---|---|---|---|---|---|---|---|"]
+    print(f"device {args.device}, torch {torch.__version__}, torch default threads {torch.get_num_threads()} "
+          f"({os.cpu_count()} CPUs), {args.channels} channels, beta {args.beta:g}, logt {args.logt}; sparse = "
+          f"{args.method} walk, {args.dtype}; time = best of {args.repeat} (sparse) / 1 run (dense); memory = "
+          f"peak RSS increase during the walk (process peak)\n")
+    rows = ["| threads | grid | N | load avg | dense time (s) | sparse time (s) | speed-up | "
+            "dense walk peak MiB (process) | sparse walk peak MiB (process) | memory ratio | max rel. score diff | "
+            "labels differing |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     with tempfile.TemporaryDirectory() as folder:
-        for size in args.sizes:
-            results = {method: spawn_case(method, size, args, folder) for method in METHODS}
+        for threads, size in itertools.product(args.threads, args.sizes):
+            load = os.getloadavg()[0]
+            results = {method: spawn_case(method, size, threads, args, folder) for method in METHODS}
             sparse, dense = results["sparse"], results["dense"]
             scale = np.abs(dense["walked"]).max(axis=(1, 2), keepdims=True) + 1e-30
             score_diff = float((np.abs(sparse["walked"] - dense["walked"]) / scale).max())
@@ -169,7 +182,8 @@ def main(argv: list[str] | None = None) -> None:
             if differ.any():
                 margin_note = f" (max margin there {label_margin(dense['walked'])[differ].max():.1e})"
             rows.append(
-                f"| {size}x{size} | {size * size} | {float(dense['seconds']):.3f} | {float(sparse['seconds']):.3f} | "
+                f"| {threads or f'default ({torch.get_num_threads()})'} | {size}x{size} | {size * size} | "
+                f"{load:.2f} | {float(dense['seconds']):.3f} | {float(sparse['seconds']):.3f} | "
                 f"{float(dense['seconds']) / float(sparse['seconds']):.1f}x | "
                 f"{float(dense['walk_peak']):.1f} ({float(dense['process_peak']):.0f}) | "
                 f"{float(sparse['walk_peak']):.1f} ({float(sparse['process_peak']):.0f}) | "

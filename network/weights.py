@@ -355,3 +355,8 @@ def saved_model_args(path: str) -> Dict[str, object]:
     loaded = _torch_load(path)
     args = loaded.get("args") if isinstance(loaded, Mapping) else None
     return dict(args) if isinstance(args, Mapping) else {}
+
+
+def trained_width(weights: str, requested: float | None) -> float:
+    """The backbone width to build for ``weights``: as requested, else as saved in the checkpoint."""
+    return requested or float(saved_model_args(weights).get("width_mult", 1.0))

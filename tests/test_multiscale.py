@@ -1,5 +1,4 @@
 """Multi-scale + flip inference: batched equals one-forward-per-view, flips are undone."""
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F

@@ -8,8 +8,8 @@ import torch
 from bench.dense_rw_baseline import dense_affinity, dense_random_walk, dense_transition
 from network.affinity import pair_affinities
 from tool.fileio import DataError
-from tool.random_walk import (AffinityGraph, random_walk, random_walk_cam_dict, random_walk_labels,
-                              rw_scores_from_cam_dict, walk_operator)
+from tool.random_walk import (AffinityGraph, chebyshev_power_coefficients, propagate, random_walk,
+                              random_walk_cam_dict, random_walk_labels, rw_scores_from_cam_dict, walk_operator)
 
 REFERENCE = "/work/shared/reference"
 RW_CASES = ["rw_a6_t8", "rw_a6_t6", "rw_a24_t8", "rw_a24_t6"]
@@ -73,13 +73,14 @@ def test_random_walk_matches_reference(case):
     np.testing.assert_array_equal(whole, label)
 
 
+@pytest.mark.parametrize("method", ["chebyshev", "power"])
 @pytest.mark.parametrize("radius,h,w,beta,logt,seed", [(5, 13, 17, 8, 8, 0), (3, 8, 8, 8, 6, 1),
                                                        (5, 20, 11, 4, 5, 2)])
-def test_sparse_walk_equals_dense_baseline(radius, h, w, beta, logt, seed):
+def test_sparse_walk_equals_dense_baseline(radius, h, w, beta, logt, seed, method):
     graph = random_graph(radius, h, w, seed)
     rng = np.random.default_rng(seed + 100)
     scores = torch.from_numpy(rng.uniform(0, 1, (21, h, w)).astype(np.float32) ** 3)
-    ours = random_walk(graph, scores, beta, logt)
+    ours = random_walk(graph, scores, beta, logt, method=method)
     dense = dense_random_walk(graph, scores, beta, logt)
     np.testing.assert_allclose(ours.numpy(), dense.numpy(), rtol=1e-4, atol=1e-4 * float(dense.abs().max()))
     image_hw = (h * 8 - 3, w * 8 - 5)
@@ -114,3 +115,47 @@ def test_bad_inputs_raise():
         random_walk_cam_dict(reference_graph(), {0: np.zeros((90, 140), np.float32)}, 20, (90, 140), 6.0)
     with pytest.raises(ValueError):
         AffinityGraph.from_pairs(torch.zeros(34, 55), 5, (12, 15))
+
+
+@pytest.mark.parametrize("radius,h,w,seed", [(5, 13, 17, 3), (3, 8, 8, 4), (5, 6, 11, 5)])
+def test_walk_operator_rows_match_dense_with_missing_pairs(radius, h, w, seed):
+    graph = random_graph(radius, h, w, seed)
+    operator = walk_operator(graph, beta=8)
+    assert operator.crow_indices().dtype == torch.int32 and operator.col_indices().dtype == torch.int32
+    crow, cols = operator.crow_indices().long(), operator.col_indices().long()
+    for row in range(graph.num_nodes):                                  # tiny graph: columns sorted per row
+        assert torch.all(cols[crow[row] + 1:crow[row + 1]] > cols[crow[row]:crow[row + 1] - 1])
+    dense = operator.to_dense()
+    expected = dense_transition(graph, 8, 0).double().t()
+    np.testing.assert_allclose(dense.numpy(), expected.numpy(), atol=1e-7)
+    # Missing pairs (the reference's border quirk) are absent entries, not small ones.
+    assert operator._nnz() == graph.num_nodes + 2 * graph.ind_to.numel()
+    assert torch.equal(dense != 0, expected > 0)
+    left_edge = radius - 2                                              # (0, r-2)-(0, r-1): within radius, missing
+    assert dense[left_edge, left_edge + 1] == 0 and dense[left_edge + 1, left_edge + 2] > 0
+    np.testing.assert_allclose(dense.sum(dim=1).numpy(), 1.0, atol=1e-12)
+
+
+@pytest.mark.parametrize("power,tolerance", [(256, 1e-12), (64, 1e-8), (7, 1e-3), (1, 1e-12)])
+def test_chebyshev_coefficients_bound_the_error(power, tolerance):
+    coefficients = chebyshev_power_coefficients(power, tolerance)
+    x = np.linspace(-1, 1, 2001)
+    error = np.abs(x ** power - np.polynomial.chebyshev.chebval(x, coefficients)).max()
+    assert error <= tolerance * (1 + 1e-6) + 1e-14
+    assert abs(sum(chebyshev_power_coefficients(power, 0.0)) - 1) < 1e-12       # untruncated: p(1) = 1
+    if power == 256:
+        assert len(coefficients) - 1 < 128                              # the point: far fewer products
+
+
+def test_propagate_methods_agree_and_leave_input_alone():
+    graph = random_graph(5, 12, 15, 6)
+    operator = walk_operator(graph, beta=8)
+    scores = torch.rand(1, graph.num_nodes, dtype=torch.float64)        # one channel: (N, 1) view is contiguous
+    kept = scores.clone()
+    for logt in (0, 3, 8):
+        power = propagate(operator, scores, logt, method="power")
+        chebyshev = propagate(operator, scores, logt)
+        np.testing.assert_allclose(chebyshev.numpy(), power.numpy(), rtol=1e-9, atol=1e-12)
+    assert torch.equal(scores, kept)
+    with pytest.raises(ValueError, match="method"):
+        propagate(operator, scores, 2, method="lanczos")

@@ -122,3 +122,11 @@ def test_hwc_to_chw_is_contiguous():
     chw = T.hwc_to_chw(image)
     assert chw.shape == (3, 5, 7) and chw.flags["C_CONTIGUOUS"]
     np.testing.assert_array_equal(chw[2], image[..., 2])
+
+
+def test_crop_box_reproduces_the_psa_reference_crop():
+    reference = np.load("/work/shared/reference/aff_labels_dataset.npz")
+    stack = np.concatenate([reference["la_values"], reference["ha_values"]]).transpose(1, 2, 0)
+    box = T.CropBox(*reference["crop_box"].tolist())
+    cropped = T.apply_crop_box(stack, box, int(reference["cropsize"]), 0.0)
+    np.testing.assert_array_equal(cropped, reference["crop_label_stack"])

@@ -66,6 +66,12 @@ def add_model_args(parser: argparse.ArgumentParser, *, width_mult: float = 1.0) 
                         help=f"backbone channel multiplier for small CPU runs (default {width_mult})")
 
 
+def add_inference_model_args(parser: argparse.ArgumentParser) -> None:
+    """``--width_mult`` for inference: by default the width the checkpoint was trained with."""
+    parser.add_argument("--width_mult", type=positive_float, default=None,
+                        help="backbone width (default: the value saved in the checkpoint, else 1.0)")
+
+
 def add_training_args(parser: argparse.ArgumentParser, *, batch_size: int, lr: float, wt_dec: float,
                       crop_size: int, session_name: str, max_epoches: int | None = None,
                       max_iters: int | None = None, momentum: float = 0.0, num_workers: int = 4,

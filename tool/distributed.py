@@ -127,3 +127,15 @@ def all_gather_object(obj: Any) -> list[Any]:
     gathered: list[Any] = [None] * get_world_size()
     torch_dist.all_gather_object(gathered, obj)
     return gathered
+
+
+def broadcast_buffers_from_main(module: torch.nn.Module) -> None:
+    """Give every rank rank 0's buffers (BatchNorm running statistics).
+
+    DDP broadcasts them at the start of each forward, so rank 0's are the ones in effect
+    and in the checkpoint; after the last forward the ranks' copies differ until this call.
+    """
+    if not is_distributed():
+        return
+    for buffer in module.buffers():
+        torch_dist.broadcast(buffer, src=0)

@@ -29,18 +29,24 @@ PROFILES: dict[str, dict[str, Any]] = {
         "dataset": "synthetic",
         "synthetic": {"num_train": 240, "num_val": 60, "image_size": 128, "num_classes": 6, "seed": 0},
         "train_list": "train", "eval_list": "train", "val_list": "val",
+        # No ImageNet weights here: the classifier trains from scratch, and AffinityNet and DeepLab
+        # start from its backbone (trained on the same images).
+        "backbone_from_avc": True,
         "width_mult": 0.25, "num_workers": 2, "sample_images": 8,
         "train_avc": {"batch_size": 8, "max_epoches": 12, "lr": 0.05, "momentum": 0.9, "crop_size": 112,
                       "resize_long": (112, 144)},
         "infer_seed": {"scales": (0.5, 1.0, 1.5, 2.0)},
         "train_aff": {"batch_size": 8, "max_epoches": 6, "lr": 0.05, "momentum": 0.9, "crop_size": 112},
         "infer_aff": {"alpha": 6.0, "beta": 8, "logt": 6},
-        "train_deeplab": {"batch_size": 8, "max_iters": 600, "lr": 0.01, "crop_size": 112},
+        # BN momentum 0.1, not DeepLab's 0.0003: a short run must move the new heads' statistics.
+        "train_deeplab": {"batch_size": 8, "max_iters": 600, "lr": 0.01, "crop_size": 112,
+                          "flags": ("--bn_momentum", "0.1")},
         "test_deeplab": {"scales": (0.75, 1.0, 1.25)},
     },
     "voc12": {
         "dataset": "voc12",
         "train_list": "train_aug", "eval_list": "train", "val_list": "val",
+        "backbone_from_avc": False,  # every network starts from the ImageNet weights (--weights)
         "width_mult": 1.0, "num_workers": 8, "sample_images": 12,
         "train_avc": {"batch_size": 8, "max_epoches": 8, "lr": 0.01, "momentum": 0.0, "crop_size": 448,
                       "resize_long": (448, 768)},
@@ -111,6 +117,7 @@ class Context:
     profile_name: str
     profile: Mapping[str, Any]
     paths: Paths
+    imagenet_weights: str | None = None   # ilsvrc-cls_rna-a1_cls1000_ep-0001.params
     results: dict[str, Any] = field(default_factory=dict)
 
     def eval_json(self, name: str) -> str:
@@ -136,12 +143,21 @@ def training_flags(ctx: Context, stage: str) -> list[str]:
     settings = ctx.profile[stage]
     flags = ["--batch_size", settings["batch_size"], "--lr", settings["lr"], "--crop_size", settings["crop_size"],
              "--width_mult", ctx.profile["width_mult"], "--num_workers", ctx.profile["num_workers"],
-             "--save_dir", ctx.paths.checkpoints, "--resume", "auto"]
+             "--save_dir", ctx.paths.checkpoints, "--resume", "auto", *weights_flags(ctx, stage)]
     if "max_epoches" in settings:
         flags += ["--max_epoches", settings["max_epoches"]]
     if "momentum" in settings:
         flags += ["--momentum", settings["momentum"]]
     return flags
+
+
+def weights_flags(ctx: Context, stage: str) -> list[str]:
+    """``--weights`` of a training stage: ImageNet weights, else (synthetic) the AVC backbone."""
+    if ctx.imagenet_weights:
+        return ["--weights", ctx.imagenet_weights]
+    if stage != "train_avc" and ctx.profile["backbone_from_avc"]:
+        return ["--weights", os.path.join(ctx.paths.checkpoints, "avc.pth")]
+    return []
 
 
 def _strings(values: Sequence[Any]) -> list[str]:
@@ -196,7 +212,8 @@ def build_stages(ctx: Context) -> list[Stage]:
               "seed mIoU over background thresholds"),
         Stage("refine_mask", lambda c: [
             "refine_mask.py", *dataset_flags(c), "--list", eval_list, "--cam_dir", p.cam, "--out_dir", p.crf_masks,
-            "--bg_threshold", f"{c.best_threshold():.2f}", "--num_workers", workers],
+            # refine_mask turns the threshold t into the exponent ln(t)/ln(1-t): keep t inside (0, 1).
+            "--bg_threshold", f"{min(max(c.best_threshold(), 0.01), 0.99):.2f}", "--num_workers", workers],
             "dense-CRF pseudo masks"),
         Stage("eval_crf", lambda c: evaluate("crf", p.crf_masks, eval_list, "--type", "png"), "CRF mask mIoU"),
         Stage("train_aff", lambda c: [
@@ -214,7 +231,8 @@ def build_stages(ctx: Context) -> list[Stage]:
         Stage("train_deeplab", lambda c: [
             "train_deeplab.py", *dataset_flags(c), "--train_list", train_list, "--pseudo_dir", p.rw_masks,
             "--session_name", "deeplab", *_strings(training_flags(c, "train_deeplab")),
-            "--max_iters", str(profile["train_deeplab"]["max_iters"])],
+            "--max_iters", str(profile["train_deeplab"]["max_iters"]),
+            *_strings(profile["train_deeplab"].get("flags", ()))],
             "DeepLabV1 on the random-walk masks"),
         Stage("test_deeplab", lambda c: [
             "test_deeplab.py", *dataset_flags(c), "--weights", deeplab_weights, "--infer_list", val_list,

@@ -27,7 +27,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
-from tool.distributed import DistInfo, all_gather_object, all_reduce_tensor, barrier, get_rank
+from tool.distributed import (DistInfo, all_gather_object, all_reduce_tensor, barrier,
+                              broadcast_buffers_from_main, get_rank)
 from tool.fileio import DataError, atomic_path
 from tool.logs import CsvLogger, config_dict
 
@@ -434,8 +435,12 @@ class Trainer:
         self._saved_step = self.global_step
 
     def finish(self) -> str:
-        """Write the final ``<session>.pth`` (same dict; weights under ``'model'``)."""
+        """Write the final ``<session>.pth`` (same dict; weights under ``'model'``).
+
+        Every rank ends with rank 0's BatchNorm statistics, the ones the checkpoint holds.
+        """
         self._close_bar()
+        broadcast_buffers_from_main(unwrap_model(self.model))
         if self._saved_step != self.global_step:
             self.save_last()
         save_checkpoint(self.final_path, self.model, self.optimizer, self.global_step, self.epoch,
