@@ -43,6 +43,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="random resize of the long side before the crop (SEAM: 448 768)")
     parser.add_argument("--view_scale", type=positive_float, default=0.3,
                         help="rescale factor of the second view (SEAM: 0.3)")
+    parser.add_argument("--dropout", action=argparse.BooleanOptionalAction, default=True,
+                        help="SEAM's dropout (b6 0.3, b7 0.5, before fc8 0.5); --no-dropout for the tiny-width "
+                             "CPU models, where dropping whole channels of a few dozen stalls learning")
     weights = parser.add_argument_group("loss weights (--avc_weight 0 is exactly SEAM)")
     weights.add_argument("--avc_weight", type=float, default=1.0, help="weight of both AVC terms")
     weights.add_argument("--avc_cross_weight", type=float, default=1.0,
@@ -73,7 +76,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         logger.info("%d training images from %s (%s, %d classes)", len(dataset), train_list,
                     info.name, info.num_classes)
 
-        model = AVCNet(num_classes=info.num_classes, width_mult=args.width_mult)
+        model = AVCNet(num_classes=info.num_classes, width_mult=args.width_mult, dropout=args.dropout)
         start_from_weights(model, args.weights)
         optimizer = make_sgd(parameter_groups(model, args.lr, args.wt_dec), momentum=args.momentum)
         model = prepare_model(model, dist)

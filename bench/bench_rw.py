@@ -5,8 +5,11 @@
     python -m bench.bench_rw --method power        # the exact 2^logt-product walk instead of Chebyshev
 
 One table row per (torch threads, grid); ``--threads 1 0`` (the default) gives 1 thread and
-torch's default (0). The 1-minute load average at the start of each row is shown, since the
-timings are only comparable on a quiet machine.
+torch's default (0). ``random_walk`` itself caps its CPU walk at 1 thread (``max_threads=1``:
+more threads mostly wait at barriers), so in the default rows only the dense baseline gets
+torch's threads. The 1-minute load average at the start of each row is shown, since the
+timings are only comparable on a quiet machine. Every synthetic channel is non-zero, so the
+walk's skipping of all-zero channels (absent classes in real CAM dicts) does not help here.
 
 Each (grid, method) case runs in a fresh subprocess, so its peak memory is its own. RSS counts
 torch's CPU tensors (tracemalloc does not): after the inputs are built the kernel's peak-RSS mark

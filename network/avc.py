@@ -105,10 +105,10 @@ class AVCNet(ResNet38):
     new_layers = ("fc8", "f8_3", "f8_4", "f9")
 
     def __init__(self, num_classes: int = 20, width_mult: float = 1.0,
-                 bn_momentum: float = 0.1) -> None:
-        super().__init__(width_mult=width_mult, bn_momentum=bn_momentum)
+                 bn_momentum: float = 0.1, dropout: bool = True) -> None:
+        super().__init__(width_mult=width_mult, bn_momentum=bn_momentum, dropout=dropout)
         self.num_classes = num_classes
-        self.dropout7 = nn.Dropout2d(0.5)
+        self.dropout7 = nn.Dropout2d(0.5 if dropout else 0.0)
         self.fc8 = nn.Conv2d(self.channels["conv6"], num_classes + 1, 1, bias=False)
         self.f8_3 = nn.Conv2d(self.channels["conv4"], F8_3_CHANNELS, 1, bias=False)
         self.f8_4 = nn.Conv2d(self.channels["conv5"], F8_4_CHANNELS, 1, bias=False)

@@ -147,7 +147,7 @@ class ResNet38(nn.Module):
     # Name prefixes of randomly initialised head layers (10x lr); subclasses override.
     new_layers: Tuple[str, ...] = ()
 
-    def __init__(self, width_mult: float = 1.0, bn_momentum: float = 0.1) -> None:
+    def __init__(self, width_mult: float = 1.0, bn_momentum: float = 0.1, dropout: bool = True) -> None:
         super().__init__()
         if width_mult <= 0:
             raise ValueError(f"width_mult must be positive, got {width_mult}")
@@ -176,9 +176,9 @@ class ResNet38(nn.Module):
         self.b5_1 = ResBlock(c(1024), c(512), c(1024), dilation=2, bn_momentum=m)
         self.b5_2 = ResBlock(c(1024), c(512), c(1024), dilation=2, bn_momentum=m)
 
-        self.b6 = ResBlockBottleneck(c(1024), c(512), c(1024), c(2048), dilation=4, dropout=0.3,
+        self.b6 = ResBlockBottleneck(c(1024), c(512), c(1024), c(2048), dilation=4, dropout=0.3 if dropout else 0.0,
                                      bn_momentum=m)
-        self.b7 = ResBlockBottleneck(c(2048), c(1024), c(2048), c(4096), dilation=4, dropout=0.5,
+        self.b7 = ResBlockBottleneck(c(2048), c(1024), c(2048), c(4096), dilation=4, dropout=0.5 if dropout else 0.0,
                                      bn_momentum=m)
         self.bn7 = nn.BatchNorm2d(c(4096), momentum=m)
 

@@ -40,7 +40,7 @@ def test_every_stage_ran_and_printed_its_command(tiny_run):
         marker = json.loads((work_dir / "stages" / f"{stage}.json").read_text())
         assert marker["seconds"] > 0
         assert f"==> [{stage}]" in stdout
-    assert "$ python train_avc.py --dataset synthetic" in stdout
+    assert "$ OMP_NUM_THREADS=1 python train_avc.py --dataset synthetic" in stdout
 
 
 def test_results_table_has_every_row_with_a_number(tiny_run):

@@ -159,3 +159,28 @@ def test_propagate_methods_agree_and_leave_input_alone():
     assert torch.equal(scores, kept)
     with pytest.raises(ValueError, match="method"):
         propagate(operator, scores, 2, method="lanczos")
+
+
+def test_thread_cap_is_restored_and_does_not_change_results():
+    graph = random_graph(5, 12, 15, 7)
+    scores = torch.rand(3, 12, 15)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        capped = random_walk(graph, scores, 8, 4)
+        assert torch.get_num_threads() == 2
+        uncapped = random_walk(graph, scores, 8, 4, max_threads=None)
+    finally:
+        torch.set_num_threads(before)
+    np.testing.assert_allclose(capped.numpy(), uncapped.numpy(), rtol=1e-6, atol=1e-7)
+
+
+def test_zero_channels_are_skipped_exactly():
+    graph = random_graph(5, 12, 15, 8)
+    scores = torch.zeros(5, 12, 15)
+    scores[2] = torch.rand(12, 15)
+    walked = random_walk(graph, scores, 8, 5)
+    assert torch.count_nonzero(walked[[0, 1, 3, 4]]) == 0
+    np.testing.assert_allclose(walked[2].numpy(), random_walk(graph, scores[2:3], 8, 5)[0].numpy(), rtol=1e-6)
+    np.testing.assert_allclose(walked.numpy(), dense_random_walk(graph, scores, 8, 5).numpy(), rtol=1e-4, atol=1e-6)
+    assert torch.count_nonzero(random_walk(graph, torch.zeros(2, 12, 15), 8, 5)) == 0
