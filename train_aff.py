@@ -30,9 +30,8 @@ from tool.cli import add_dataset_args, add_model_args, add_training_args, run_cl
 from tool.datasets import get_dataset_info
 from tool.distributed import cleanup, setup_distributed
 from tool.fileio import read_id_list, require_files
-from tool.logs import save_config, setup_logging
-from tool.training import (EpochBatchSampler, PolyLR, Trainer, make_loader, make_sgd, parameter_groups,
-                           prepare_model, seed_everything, unwrap_model)
+from tool.logs import setup_logging
+from tool.training import build_trainer, make_loader, seed_everything, unwrap_model
 from voc12.affinity_dataset import LABEL_STRIDE, AffinityDataset
 
 logger = logging.getLogger("train_aff")
@@ -88,19 +87,9 @@ def run(args: argparse.Namespace) -> AffinityNet:
 
         model = AffinityNet(width_mult=args.width_mult, radius=AFFINITY_RADIUS)
         start_from_weights(model, args.weights)
-        optimizer = make_sgd(parameter_groups(model, args.lr, args.wt_dec), momentum=args.momentum)
-        model = prepare_model(model, dist)
-        sampler = EpochBatchSampler(len(dataset), args.batch_size, seed=args.seed,
-                                    rank=dist.rank, world_size=dist.world_size)
-        max_step = sampler.batches_per_epoch * args.max_epoches
-        trainer = Trainer(model, optimizer, PolyLR(optimizer, max_step), dist, max_step=max_step,
-                          steps_per_epoch=sampler.batches_per_epoch, loss_names=LOSS_TERMS,
-                          save_dir=args.save_dir, session_name=args.session_name,
-                          save_every=args.save_every, args=args, amp=args.amp)
-        if dist.is_main:
-            save_config(args, os.path.join(args.save_dir, f"{args.session_name}_config.json"))
-        trainer.resume(args.resume)
-        logger.info("%d steps of batch %d (%d per epoch)", max_step, args.batch_size, sampler.batches_per_epoch)
+        trainer, sampler = build_trainer(model, len(dataset), args, dist, LOSS_TERMS)
+        model = trainer.model
+        logger.info("%d steps of batch %d (%d per epoch)", trainer.max_step, args.batch_size, sampler.batches_per_epoch)
 
         model.train()
         for _ in trainer.epochs(sampler):

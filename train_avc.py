@@ -21,9 +21,8 @@ from tool.cli import add_dataset_args, add_model_args, add_training_args, positi
 from tool.datasets import get_dataset_info
 from tool.distributed import cleanup, setup_distributed
 from tool.fileio import read_id_list
-from tool.logs import save_config, setup_logging
-from tool.training import (EpochBatchSampler, PolyLR, Trainer, make_loader, make_sgd, parameter_groups,
-                           prepare_model, seed_everything)
+from tool.logs import setup_logging
+from tool.training import build_trainer, make_loader, seed_everything
 from voc12.data import ClassificationDataset
 
 logger = logging.getLogger("train_avc")
@@ -78,18 +77,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 
         model = AVCNet(num_classes=info.num_classes, width_mult=args.width_mult, dropout=args.dropout)
         start_from_weights(model, args.weights)
-        optimizer = make_sgd(parameter_groups(model, args.lr, args.wt_dec), momentum=args.momentum)
-        model = prepare_model(model, dist)
-        sampler = EpochBatchSampler(len(dataset), args.batch_size, seed=args.seed,
-                                    rank=dist.rank, world_size=dist.world_size)
-        max_step = sampler.batches_per_epoch * args.max_epoches
-        trainer = Trainer(model, optimizer, PolyLR(optimizer, max_step), dist, max_step=max_step,
-                          steps_per_epoch=sampler.batches_per_epoch, loss_names=LOSS_TERMS,
-                          save_dir=args.save_dir, session_name=args.session_name,
-                          save_every=args.save_every, args=args, amp=args.amp)
-        if dist.is_main:
-            save_config(args, os.path.join(args.save_dir, f"{args.session_name}_config.json"))
-        trainer.resume(args.resume)
+        trainer, sampler = build_trainer(model, len(dataset), args, dist, LOSS_TERMS)
+        model = trainer.model
 
         weights = loss_weights(args)
         model.train()

@@ -34,11 +34,10 @@ from tool.contract import IGNORE_LABEL
 from tool.datasets import DatasetInfo, get_dataset_info
 from tool.distributed import DistInfo, cleanup, setup_distributed
 from tool.fileio import read_id_list
-from tool.logs import CsvLogger, save_config, setup_logging
+from tool.logs import CsvLogger, setup_logging
 from tool.metrics import ConfusionMatrix
 from tool.multiscale import forward_views
-from tool.training import (EpochBatchSampler, PolyLR, Trainer, make_loader, make_sgd, parameter_groups,
-                           prepare_model, seed_everything, unwrap_model)
+from tool.training import build_trainer, make_loader, seed_everything, unwrap_model
 from voc12.data import SegmentationDataset
 
 logger = logging.getLogger(__name__)
@@ -139,21 +138,11 @@ def run(args: argparse.Namespace) -> DeepLabV1:
 
         seed_everything(args.seed + dist.rank)
         model = build_model(args, info, dist)
-        optimizer = make_sgd(parameter_groups(model, args.lr, args.wt_dec), momentum=args.momentum)
-        model = prepare_model(model, dist)
-        sampler = EpochBatchSampler(len(dataset), args.batch_size, seed=args.seed,
-                                    rank=dist.rank, world_size=dist.world_size)
-        scheduler = PolyLR(optimizer, max_step=args.max_iters)
-        trainer = Trainer(model, optimizer, scheduler, dist, max_step=args.max_iters,
-                          steps_per_epoch=sampler.batches_per_epoch, loss_names=("ce",),
-                          save_dir=args.save_dir, session_name=args.session_name,
-                          save_every=args.save_every, args=args, amp=args.amp)
+        trainer, sampler = build_trainer(model, len(dataset), args, dist, ("ce",), max_step=args.max_iters)
+        model = trainer.model
         val_log = None
-        if dist.is_main:
-            save_config(args, os.path.join(args.save_dir, f"{args.session_name}_config.json"))
-            if args.val_list:
-                val_log = CsvLogger(os.path.join(args.save_dir, f"{args.session_name}_val.csv"), ("step", "miou"))
-        trainer.resume(args.resume)
+        if dist.is_main and args.val_list:
+            val_log = CsvLogger(os.path.join(args.save_dir, f"{args.session_name}_val.csv"), ("step", "miou"))
         if val_log is not None:
             val_log.drop_rows_after("step", trainer.global_step)
         logger.info("%d training images from %s, labels from %s; %d steps of batch %d (%d per epoch)",

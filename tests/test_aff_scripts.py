@@ -21,8 +21,8 @@ from network.avc import AVCNet
 from tool.fileio import DataError, atomic_write_text, read_label_png, save_npy, save_rgb_image
 from tool.random_walk import AffinityGraph
 from tool.training import Trainer, read_checkpoint
+from tests.reference_data import load_reference
 
-REFERENCE = "/work/shared/reference"
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HEIGHT, WIDTH = 56, 60          # width not a multiple of 8: infer_aff pads to 56 x 64 (7 x 8 grid)
 CROP = 56                       # 7 x 7 label grid: SEAM's rule gives radius 3
@@ -208,10 +208,7 @@ def test_two_process_torchrun_keeps_identical_weights(data, tmp_path):
 def test_rw_label_reproduces_the_reference_script():
     """infer_aff's per-image path (CAM dict -> scores -> walk -> upsample -> crop) on the reference
     affinities of a 90 x 117 image (padded 96 x 120, grid 12 x 15) gives the reference PNG."""
-    paths = [os.path.join(REFERENCE, name) for name in ("rw_common.npz", "rw_a6_t8.npz")]
-    if not all(os.path.isfile(path) for path in paths):
-        pytest.skip("reference vectors not available")
-    common, expected = np.load(paths[0]), np.load(paths[1])
+    common, expected = load_reference("rw_common.npz"), load_reference("rw_a6_t8.npz")
 
     class ReferenceAffinities:
         def affinity_graph(self, x: torch.Tensor) -> AffinityGraph:

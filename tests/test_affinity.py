@@ -1,6 +1,5 @@
 """Radius pair indexing and affinity labels (tool/affinity.py) against brute force and the reference."""
 import itertools
-import json
 import os
 
 import numpy as np
@@ -14,15 +13,9 @@ from tool.affinity import (affinity_pair_labels, affinity_radius, fuse_crf_label
 from tool.datasets import DatasetInfo
 from tool.fileio import DataError, save_npy, save_rgb_image
 from voc12.affinity_dataset import AffinityDataset, affinity_labels_from_crop, crf_score_stack
+from tests.reference_data import load_reference, reference_keys
 
-REFERENCE = "/work/shared/reference"
-
-
-def reference(name: str):
-    path = os.path.join(REFERENCE, name)
-    if not os.path.isfile(path):
-        pytest.skip(f"reference vector {path} not available")
-    return np.load(path)
+reference = load_reference
 
 
 def brute_force_pairs(radius: int, h: int, w: int) -> set[tuple[int, int]]:
@@ -163,11 +156,7 @@ def test_pair_affinities_match_reference_rw_common():
 
 
 def test_affinity_net_keys_match_released_checkpoints():
-    keys_path = os.path.join(REFERENCE, "resnet38_keys.json")
-    if not os.path.isfile(keys_path):
-        pytest.skip("no reference keys")
-    with open(keys_path) as handle:
-        expected = json.load(handle)["SEAM network.resnet38_aff.Net"]
+    expected = reference_keys("SEAM network.resnet38_aff.Net")
     state = AffinityNet().state_dict()
     assert len(state) == len(expected) == 232
     assert {k: list(v.shape) for k, v in state.items()} == expected

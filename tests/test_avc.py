@@ -15,7 +15,8 @@ from network.avc import (AVCNet, adaptive_min_pooling_loss, affinity_cross_view_
                          equivariant_cross_regularization, equivariant_regularization,
                          max_norm, max_onehot, normalize_cam_for_pcm, normalized_affinity, pcm,
                          with_background)
-from tests.test_resnet38 import REFERENCE_DIR, needs_reference, portable_state_dict, reference_keys
+from tests.reference_data import load_reference, reference_keys
+from tests.test_resnet38 import portable_state_dict
 
 
 class Constant(nn.Module):
@@ -30,9 +31,8 @@ class Constant(nn.Module):
 
 
 # ------------------------------------------------------------------ reference vectors
-@needs_reference
 def test_pcm_matches_reference() -> None:
-    ref = np.load(REFERENCE_DIR / "pcm.npz")
+    ref = load_reference("pcm.npz")
     cam_d_norm = normalize_cam_for_pcm(torch.from_numpy(ref["raw_cam"]))
     np.testing.assert_allclose(cam_d_norm.numpy(), ref["cam_d_norm"], atol=1e-5, rtol=1e-4)
     f9 = nn.Conv2d(195, 192, 1, bias=False)
@@ -44,11 +44,10 @@ def test_pcm_matches_reference() -> None:
     np.testing.assert_allclose(out.cam_rv.numpy(), ref["cam_rv"], atol=1e-5, rtol=1e-4)
 
 
-@needs_reference
 def test_forward_with_recorded_heads_matches_reference() -> None:
     """SEAM's Net.forward with the backbone returning zeros and the heads replaced, as recorded."""
-    ref = np.load(REFERENCE_DIR / "pcm.npz")
-    up = np.load(REFERENCE_DIR / "pcm_upsampled.npz")
+    ref = load_reference("pcm.npz")
+    up = load_reference("pcm_upsampled.npz")
     model = AVCNet(width_mult=0.125).eval()
     zeros = {name: torch.zeros(2, ch, 12, 12) for name, ch in model.channels.items()}
     model.forward_as_dict = lambda x: zeros
@@ -66,7 +65,6 @@ def test_forward_with_recorded_heads_matches_reference() -> None:
     np.testing.assert_allclose(cam_rv_up[0].numpy(), up["cam_rv_up_0"], atol=1e-5, rtol=1e-4)
 
 
-@needs_reference
 def test_seam_keys_and_full_forward_match_reference() -> None:
     with torch.device("meta"):  # no default init: every tensor is assigned below
         model = AVCNet().eval()
@@ -75,7 +73,7 @@ def test_seam_keys_and_full_forward_match_reference() -> None:
     assert len(expected) == 232 and list(state) == list(expected)
     assert all(list(state[k].shape) == shape for k, shape in expected.items())
     model.load_state_dict(portable_state_dict(state), assign=True)
-    ref = np.load(REFERENCE_DIR / "seam_forward_portable.npz")
+    ref = load_reference("seam_forward_portable.npz")
     x = torch.from_numpy(ref["x"])
     with torch.no_grad():
         out = model(x)

@@ -4,13 +4,13 @@ import pytest
 
 from tool.cam import (SEAM_SEED_BG_THRESHOLD, alpha_for_threshold, bg_score, cam_dict_from, fuse_cams,
                       labels_from_scores, scores_with_background, seed_from_cam_dict)
+from tests.reference_data import load_reference
 
-REFERENCE = "/work/shared/reference/seam_cam_postproc.npz"
 
 
 @pytest.fixture(scope="module")
 def ref():
-    return np.load(REFERENCE)
+    return load_reference("seam_cam_postproc.npz")
 
 
 def test_fuse_cams_matches_seam(ref):

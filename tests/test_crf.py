@@ -8,13 +8,13 @@ from tool.contract import crf_dir
 from tool.crf import (CRF_PRESETS, DEEPLAB_TEST_CRF, SEED_CRF, crf_label, crf_with_alpha, dense_crf,
                       write_crf_dicts)
 from tool.fileio import load_score_dict
+from tests.reference_data import load_reference
 
-REFERENCE = "/work/shared/reference/seam_cam_postproc.npz"
 
 
 @pytest.fixture(scope="module")
 def ref():
-    return np.load(REFERENCE)
+    return load_reference("seam_cam_postproc.npz")
 
 
 @pytest.fixture(scope="module")

@@ -1,16 +1,13 @@
 """DeepLabV1-ResNet38: reference key names/shapes, output size, determinism, head init."""
 from __future__ import annotations
 
-import json
-import os
 
 import pytest
 import torch
 
 from network.deeplab import DeepLabV1
+from tests.reference_data import reference_keys
 
-REFERENCE_KEYS = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "reference",
-                              "resnet38_keys.json")
 REFERENCE_MODEL = "semantic-segmentation-codebase deeplabv1 (backbone resnet38, seamv1-pseudovoc)"
 
 
@@ -24,10 +21,7 @@ def one_thread():
 
 
 def test_state_dict_matches_reference_keys_and_shapes() -> None:
-    if not os.path.isfile(REFERENCE_KEYS):
-        pytest.skip(f"{REFERENCE_KEYS} not available")
-    with open(REFERENCE_KEYS, encoding="utf-8") as handle:
-        reference = json.load(handle)[REFERENCE_MODEL]
+    reference = reference_keys(REFERENCE_MODEL)
     # The meta device allocates no memory: the 124M-parameter model builds in a blink.
     with torch.device("meta"):
         model = DeepLabV1(num_classes=20, width_mult=1.0)

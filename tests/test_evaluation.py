@@ -9,15 +9,15 @@ import pytest
 
 import evaluation
 from tool.fileio import DataError, save_npy, save_palette_png
+from tests.reference_data import load_reference
 
-REFERENCE = "/work/shared/reference/eval.npz"
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOC_NAMES = ["background"] + [f"class_{index}" for index in range(1, 21)]
 
 
 @pytest.fixture(scope="module")
 def reference():
-    return np.load(REFERENCE)
+    return load_reference("eval.npz")
 
 
 @pytest.fixture()

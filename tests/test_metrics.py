@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 
 from tool.metrics import ConfusionMatrix, CurveConfusion, iou_from_confusion, scores_from_counts
+from tests.reference_data import load_reference
 
-REFERENCE = "/work/shared/reference/eval.npz"
 
 
 def reference_counts(pred: np.ndarray, gt: np.ndarray, num_classes: int):
@@ -134,7 +134,7 @@ def test_iou_from_confusion_square_matrix():
 
 
 def test_reference_vectors_png_and_curve():
-    ref = np.load(REFERENCE)
+    ref = load_reference("eval.npz")
     matrix = ConfusionMatrix(21)
     curve = CurveConfusion(21, ref["thresholds"])
     for index in range(len(ref["names"])):

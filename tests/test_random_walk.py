@@ -1,5 +1,4 @@
 """Sparse random walk (tool/random_walk.py) against the reference vectors and the dense baseline."""
-import os
 
 import numpy as np
 import pytest
@@ -7,19 +6,15 @@ import torch
 
 from bench.dense_rw_baseline import dense_affinity, dense_random_walk, dense_transition
 from network.affinity import pair_affinities
+from tests.reference_data import load_reference
 from tool.fileio import DataError
 from tool.random_walk import (AffinityGraph, chebyshev_power_coefficients, propagate, random_walk,
                               random_walk_cam_dict, random_walk_labels, rw_scores_from_cam_dict, walk_operator)
 
-REFERENCE = "/work/shared/reference"
 RW_CASES = ["rw_a6_t8", "rw_a6_t6", "rw_a24_t8", "rw_a24_t6"]
 
 
-def reference(name: str):
-    path = os.path.join(REFERENCE, name)
-    if not os.path.isfile(path):
-        pytest.skip(f"reference vector {path} not available")
-    return np.load(path)
+reference = load_reference
 
 
 def reference_graph() -> AffinityGraph:

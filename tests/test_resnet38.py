@@ -1,9 +1,7 @@
 """ResNet38 backbone: key names, shapes and forward against the SEAM/PSA reference vectors."""
 from __future__ import annotations
 
-import json
 import zlib
-from pathlib import Path
 from typing import Dict, Mapping
 
 import numpy as np
@@ -11,14 +9,8 @@ import pytest
 import torch
 
 from network.resnet38 import FrozenBatchNorm2d, ResNet38
+from tests.reference_data import load_reference, reference_keys
 
-REFERENCE_DIR = Path(__file__).resolve().parents[2] / "shared" / "reference"
-needs_reference = pytest.mark.skipif(not REFERENCE_DIR.is_dir(), reason="no reference vectors")
-
-
-def reference_keys(model_name: str) -> Dict[str, list]:
-    with open(REFERENCE_DIR / "resnet38_keys.json") as handle:
-        return json.load(handle)[model_name]
 
 
 def portable_value(name: str, shape: tuple) -> np.ndarray:
@@ -50,7 +42,6 @@ def full_model() -> ResNet38:
     return ResNet38().eval()
 
 
-@needs_reference
 def test_keys_and_shapes_match_resnet38d(full_model: ResNet38) -> None:
     expected = reference_keys("SEAM network.resnet38d.Net")
     state = full_model.state_dict()
@@ -63,10 +54,9 @@ def test_keys_and_shapes_match_resnet38d(full_model: ResNet38) -> None:
     assert full_model.channels == {"conv3": 256, "conv4": 512, "conv5": 1024, "conv6": 4096}
 
 
-@needs_reference
 def test_forward_matches_portable_reference(full_model: ResNet38) -> None:
     full_model.load_state_dict(portable_state_dict(full_model.state_dict()))
-    reference = np.load(REFERENCE_DIR / "resnet38_forward_portable.npz")
+    reference = load_reference("resnet38_forward_portable.npz")
     with torch.no_grad():
         out = full_model.forward_as_dict(torch.from_numpy(reference["x"]))
     for name in ("conv3", "conv4", "conv5", "conv6"):
@@ -76,9 +66,8 @@ def test_forward_matches_portable_reference(full_model: ResNet38) -> None:
         assert torch.equal(full_model(torch.from_numpy(reference["x"])), out["conv6"])
 
 
-@needs_reference
 def test_default_init_fingerprint_seed0() -> None:
-    reference = np.load(REFERENCE_DIR / "resnet38_forward_seed0.npz")
+    reference = load_reference("resnet38_forward_seed0.npz")
     torch.manual_seed(0)
     model = ResNet38().eval()
     state = model.state_dict()

@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.reference_data import load_reference
 from tool import transforms as T
 from tool.contract import IGNORE_LABEL, IMAGENET_MEAN, IMAGENET_STD
 
@@ -125,7 +126,7 @@ def test_hwc_to_chw_is_contiguous():
 
 
 def test_crop_box_reproduces_the_psa_reference_crop():
-    reference = np.load("/work/shared/reference/aff_labels_dataset.npz")
+    reference = load_reference("aff_labels_dataset.npz")
     stack = np.concatenate([reference["la_values"], reference["ha_values"]]).transpose(1, 2, 0)
     box = T.CropBox(*reference["crop_box"].tolist())
     cropped = T.apply_crop_box(stack, box, int(reference["cropsize"]), 0.0)

@@ -1,7 +1,6 @@
 """Weight loading: MXNet .params reader (byte-level), name mapping, strict loaders."""
 from __future__ import annotations
 
-import json
 import struct
 from pathlib import Path
 from typing import Dict, Iterable, Tuple
@@ -15,9 +14,8 @@ from network.resnet38 import ResNet38
 from network.weights import (load_pretrained_backbone, load_trained, mxnet_parameter_name,
                              mxnet_to_resnet38, read_mxnet_params)
 from tool.fileio import DataError
+from tests.reference_data import reference_keys
 
-REFERENCE_DIR = Path(__file__).resolve().parents[2] / "shared" / "reference"
-needs_reference = pytest.mark.skipif(not REFERENCE_DIR.is_dir(), reason="no reference vectors")
 
 TYPE_FLAGS = {np.dtype("float32"): 0, np.dtype("float64"): 1, np.dtype("float16"): 2,
               np.dtype("uint8"): 3, np.dtype("int32"): 4, np.dtype("int8"): 5,
@@ -99,15 +97,12 @@ def test_mapping_examples() -> None:
         mxnet_parameter_name("arg:fc_weight")
 
 
-@needs_reference
 def test_mapping_matches_reference_table() -> None:
-    with open(REFERENCE_DIR / "resnet38_keys.json") as handle:
-        reference = json.load(handle)
-    table: Dict[str, str | None] = reference["_mxnet_to_torch"]["mapping"]
+    table: Dict[str, str | None] = reference_keys("_mxnet_to_torch")["mapping"]
     assert len(table) == 193
     for mxnet_name, torch_name in table.items():
         assert mxnet_parameter_name(mxnet_name) == torch_name, mxnet_name
-    resnet_keys = [k for k in reference["SEAM network.resnet38d.Net"]
+    resnet_keys = [k for k in reference_keys("SEAM network.resnet38d.Net")
                    if not k.endswith("num_batches_tracked")]
     produced = mxnet_to_resnet38({name: np.zeros(1, np.float32) for name in table})
     assert sorted(produced) == sorted(resnet_keys) and len(produced) == 191
@@ -132,8 +127,7 @@ class WrappedBackbone(nn.Module):
 
 def small_mxnet_file(tmp_path: Path, drop: str | None = None, bad_shape: str | None = None) -> Tuple[Path, Dict[str, torch.Tensor]]:
     """A .params file with MXNet names whose arrays fit ResNet38(width 0.125)."""
-    with open(REFERENCE_DIR / "resnet38_keys.json") as handle:
-        table = json.load(handle)["_mxnet_to_torch"]["mapping"]
+    table = reference_keys("_mxnet_to_torch")["mapping"]
     state = ResNet38(width_mult=0.125).state_dict()
     rng = np.random.default_rng(3)
     entries, expected = [], {}
@@ -152,7 +146,6 @@ def small_mxnet_file(tmp_path: Path, drop: str | None = None, bad_shape: str | N
     return path, expected
 
 
-@needs_reference
 def test_load_pretrained_backbone_from_params(tmp_path: Path, capsys) -> None:
     path, expected = small_mxnet_file(tmp_path)
     model = TinyHeadNet()
@@ -171,7 +164,6 @@ def test_load_pretrained_backbone_from_params(tmp_path: Path, capsys) -> None:
                        expected["b4_3.bn_branch2b1.running_mean"])
 
 
-@needs_reference
 def test_load_pretrained_backbone_rejects_missing_and_misshaped(tmp_path: Path) -> None:
     path, _ = small_mxnet_file(tmp_path, drop="b5_1.conv_branch2a.weight")
     with pytest.raises(DataError, match=r"missing backbone keys \(1\): b5_1\.conv_branch2a\.weight"):

@@ -8,7 +8,8 @@
   channels_last and DDP on CUDA, plain modules on CPU.
 * ``EpochBatchSampler`` + ``make_loader``: the same global batches for any worker or
   process count, permuted from (seed, epoch), with mid-epoch resume.
-* ``Trainer``: the loop body (backward, step, schedule, CSV log, tqdm, checkpoints).
+* ``Trainer``: the loop body (backward, step, schedule, CSV log, tqdm, checkpoints);
+  ``build_trainer``: the set-up every train script shares, from its flags.
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ from tqdm import tqdm
 from tool.distributed import (DistInfo, all_gather_object, all_reduce_tensor, barrier,
                               broadcast_buffers_from_main, get_rank)
 from tool.fileio import DataError, atomic_path
-from tool.logs import CsvLogger, config_dict
+from tool.logs import CsvLogger, config_dict, save_config
 
 logger = logging.getLogger(__name__)
 
@@ -529,3 +530,28 @@ class Trainer:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+
+
+def build_trainer(model: nn.Module, num_samples: int, args: argparse.Namespace, dist: DistInfo,
+                  loss_names: Sequence[str], *, max_step: int | None = None) -> tuple[Trainer, EpochBatchSampler]:
+    """The set-up the three train scripts share, from their common flags.
+
+    SGD over SEAM's four parameter groups with the poly schedule, DDP wrapping, the epoch
+    sampler, the Trainer, the resolved configuration saved beside the checkpoints, and
+    ``--resume``. ``max_step`` defaults to ``--max_epoches`` epochs. The (possibly DDP-wrapped)
+    model is ``trainer.model``.
+    """
+    optimizer = make_sgd(parameter_groups(model, args.lr, args.wt_dec), momentum=args.momentum)
+    model = prepare_model(model, dist)
+    sampler = EpochBatchSampler(num_samples, args.batch_size, seed=args.seed,
+                                rank=dist.rank, world_size=dist.world_size)
+    if max_step is None:
+        max_step = sampler.batches_per_epoch * args.max_epoches
+    trainer = Trainer(model, optimizer, PolyLR(optimizer, max_step), dist, max_step=max_step,
+                      steps_per_epoch=sampler.batches_per_epoch, loss_names=loss_names,
+                      save_dir=args.save_dir, session_name=args.session_name,
+                      save_every=args.save_every, args=args, amp=args.amp)
+    if dist.is_main:
+        save_config(args, os.path.join(args.save_dir, f"{args.session_name}_config.json"))
+    trainer.resume(args.resume)
+    return trainer, sampler
