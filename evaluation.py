@@ -18,7 +18,6 @@ import io
 import json
 import math
 import os
-import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any, Mapping, NamedTuple, Sequence
@@ -26,6 +25,7 @@ from typing import Any, Mapping, NamedTuple, Sequence
 import numpy as np
 from tqdm import tqdm
 
+from tool.cli import run_cli
 from tool.fileio import (DataError, atomic_write_bytes, atomic_write_text, load_score_dict,
                          read_id_list, read_label_png, require_files)
 from tool.metrics import ABSENT_HELP, ABSENT_MODES, ConfusionMatrix, CurveConfusion
@@ -348,14 +348,9 @@ def write_json(path: str | None, results: Mapping[str, Any], comment: str) -> No
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        run(args)
-    except DataError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    run(build_parser().parse_args(argv))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)

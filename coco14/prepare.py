@@ -11,9 +11,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import sys
 
 from coco14.layout import split_of_id
+from tool.cli import run_cli
 from tool.contract import image_ids_in
 from tool.datasets import DatasetInfo, get_dataset_info
 from tool.fileio import DataError
@@ -53,13 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=default_workers(), help="processes reading labels")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        prepare_coco(get_dataset_info("coco14", args.coco_root, list_dir=args.out_dir), workers=args.workers)
-    except DataError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+    prepare_coco(get_dataset_info("coco14", args.coco_root, list_dir=args.out_dir), workers=args.workers)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)

@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader
 
 from coco14.layout import COCO_CATEGORY_IDS, COCO_CLASS_NAMES
 from coco14.prepare import prepare_coco
+from tool.cli import main_exit_code
 from tool.datasets import DATASET_NAMES, get_dataset_info
 from tool.fileio import DataError, read_id_list, read_label_png, save_palette_png, save_rgb_image
 from voc12 import layout
@@ -117,7 +118,7 @@ def test_prepare_missing_images_reports_count_and_first_names(generated, tmp_pat
     assert message.startswith("12 images named in") and "train.txt" in message
     assert "ghost_00.jpg" in message and "ghost_09.jpg" in message and "ghost_10.jpg" not in message
     assert "and 2 more" in message
-    assert prepare_main(["--voc12_root", root, "--dataset", "synthetic"]) == 1
+    assert main_exit_code(prepare_main, ["--voc12_root", root, "--dataset", "synthetic"]) == 2
     assert "12 images" in capsys.readouterr().err
 
 

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 import evaluation
-from tool.fileio import DataError, save_npy, save_palette_png
 from tests.reference_data import load_reference
+from tool.cli import main_exit_code
+from tool.fileio import DataError, save_npy, save_palette_png
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOC_NAMES = ["background"] + [f"class_{index}" for index in range(1, 21)]
@@ -160,11 +161,12 @@ def test_cam_key_outside_class_range(folders):
 
 def test_main_exits_with_message_not_traceback(folders, capsys):
     os.remove(os.path.join(folders["png"], "img_000.png"))
-    code = evaluation.main(["--list", folders["list"], "--predict_dir", folders["png"], "--gt_dir", folders["gt"]])
+    code = main_exit_code(evaluation.main, ["--list", folders["list"], "--predict_dir", folders["png"],
+                                            "--gt_dir", folders["gt"]])
     error = capsys.readouterr().err
     assert code == 2 and "img_000.png" in error and "Traceback" not in error
-    code = evaluation.main(["--list", folders["list"], "--predict_dir", folders["png"], "--gt_dir", folders["gt"],
-                            "--curve"])
+    code = main_exit_code(evaluation.main, ["--list", folders["list"], "--predict_dir", folders["png"],
+                                            "--gt_dir", folders["gt"], "--curve"])
     assert code == 2 and "--type npy" in capsys.readouterr().err
 
 

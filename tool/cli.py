@@ -150,16 +150,27 @@ def shard_list(ids: Sequence[T], shard: tuple[int, int] | None, dist: Any = None
     return list(ids[index * world_size + rank::count * world_size])
 
 
-def run_cli(main: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | None = None) -> None:
-    """Run ``main(argv)``; bad input (DataError) exits 2 and a NaN loss exits 3, with the message."""
-    from tool.training import NonFiniteLossError  # torch is imported by the scripts anyway
+EXIT_BAD_INPUT = 2
+EXIT_NON_FINITE_LOSS = 3
 
+
+def main_exit_code(main: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | None = None) -> int:
+    """Run ``main(argv)`` and return its exit code: bad input (DataError) prints one line and
+    gives 2, a NaN/inf loss gives 3, anything else ``main`` returned (0 for None)."""
     try:
         result = main(argv)
     except DataError as error:
         print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
-    except NonFiniteLossError as error:
+        return EXIT_BAD_INPUT
+    except RuntimeError as error:
+        from tool.training import NonFiniteLossError  # imported late: not every script needs torch
+        if not isinstance(error, NonFiniteLossError):
+            raise
         print(f"error: {error}", file=sys.stderr)
-        sys.exit(3)
-    sys.exit(result if isinstance(result, int) else 0)
+        return EXIT_NON_FINITE_LOSS
+    return result if isinstance(result, int) else 0
+
+
+def run_cli(main: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | None = None) -> None:
+    """A script's entry point: exit with ``main_exit_code(main, argv)``."""
+    sys.exit(main_exit_code(main, argv))

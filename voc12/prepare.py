@@ -21,12 +21,12 @@ import argparse
 import logging
 import multiprocessing
 import os
-import sys
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 from tqdm import tqdm
 
+from tool.cli import run_cli
 from tool.contract import image_ids_in
 from tool.datasets import DatasetInfo, get_dataset_info
 from tool.fileio import DataError, atomic_write_text, read_id_list, read_label_png, require_files, save_npy
@@ -140,14 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=default_workers(), help="processes reading labels")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        info = get_dataset_info(args.dataset, args.voc12_root, list_dir=args.out_dir)
-        prepare_voc(info, workers=args.workers)
-    except DataError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+    prepare_voc(get_dataset_info(args.dataset, args.voc12_root, list_dir=args.out_dir), workers=args.workers)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)

@@ -21,13 +21,13 @@ import argparse
 import colorsys
 import logging
 import os
-import sys
 from dataclasses import dataclass
 
 import cv2
 import numpy as np
 from tqdm import tqdm
 
+from tool.cli import run_cli
 from tool.contract import IGNORE_LABEL
 from tool.datasets import get_dataset_info
 from tool.fileio import DataError, atomic_write_text, save_palette_png, save_rgb_image
@@ -322,17 +322,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         generate_dataset(args.out, args.num_train, args.num_val, args.image_size, args.num_classes,
                          args.seed, args.min_aspect)
-        LOGGER.info("wrote %d + %d images of %d classes to %s", args.num_train, args.num_val,
-                    args.num_classes, args.out)
-        if args.prepare:
-            prepare_voc(get_dataset_info("synthetic", args.out))
-        else:
-            LOGGER.info("next: python -m voc12.prepare --dataset synthetic --voc12_root %s", args.out)
-    except (DataError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+    except ValueError as error:  # an out-of-range size or count
+        parser.error(str(error))
+    LOGGER.info("wrote %d + %d images of %d classes to %s", args.num_train, args.num_val,
+                args.num_classes, args.out)
+    if args.prepare:
+        prepare_voc(get_dataset_info("synthetic", args.out))
+    else:
+        LOGGER.info("next: python -m voc12.prepare --dataset synthetic --voc12_root %s", args.out)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)
