@@ -22,7 +22,7 @@ from tool.datasets import get_dataset_info
 from tool.distributed import cleanup, setup_distributed
 from tool.fileio import read_id_list
 from tool.logs import setup_logging
-from tool.training import build_trainer, make_loader, seed_everything
+from tool.training import build_trainer, make_loader, seed_everything, unwrap_model
 from voc12.data import ClassificationDataset
 
 logger = logging.getLogger("train_avc")
@@ -61,8 +61,8 @@ def loss_weights(args: argparse.Namespace) -> dict[str, float]:
             "er": args.er_weight, "ecr": args.ecr_weight}
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    args = parse_args(argv)
+def run(args: argparse.Namespace) -> AVCNet:
+    """Train as the flags say; returns the trained (unwrapped) model."""
     dist = setup_distributed()
     try:
         setup_logging(os.path.join(args.save_dir, f"{args.session_name}.log"), dist.is_main)
@@ -90,8 +90,13 @@ def main(argv: Sequence[str] | None = None) -> None:
                 total = terms.pop("total")
                 trainer.step(total, terms)
         logger.info("final weights: %s", trainer.finish())
+        return unwrap_model(model)
     finally:
         cleanup()
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    run(parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -6,9 +6,6 @@ import argparse
 import csv
 import json
 import os
-import socket
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -21,9 +18,9 @@ from network.avc import AVCNet
 from tool.fileio import DataError, atomic_write_text, read_label_png, save_npy, save_rgb_image
 from tool.random_walk import AffinityGraph
 from tool.training import Trainer, read_checkpoint
+from tests.helpers_torchrun import train_on_two_ranks
 from tests.reference_data import load_reference
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HEIGHT, WIDTH = 56, 60          # width not a multiple of 8: infer_aff pads to 56 x 64 (7 x 8 grid)
 CROP = 56                       # 7 x 7 label grid: SEAM's rule gives radius 3
 IDS = [f"img{i}" for i in range(4)]
@@ -32,13 +29,7 @@ BAND = 4                        # unsure band around each object (la says bg, ha
 TINY = ["--width_mult", "0.0625", "--num_workers", "0", "--crop_size", str(CROP)]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny convolutions run fastest on one thread (and do not fight other jobs for the cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _one_hot_dict(label: np.ndarray, keys: list[int]) -> dict[int, np.ndarray]:
@@ -173,29 +164,10 @@ def test_starts_from_a_classifier_checkpoint(data, tmp_path):
     assert torch.allclose(model.b4.conv_branch2a.weight, avc.b4.conv_branch2a.weight, atol=0.01)
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_two_process_torchrun_keeps_identical_weights(data, tmp_path):
-    driver = tmp_path / "driver.py"
-    driver.write_text(
-        "import os, sys, torch\nimport train_aff\n"
-        "model = train_aff.run(train_aff.parse_args(sys.argv[1:]))\n"
-        "torch.save(model.state_dict(), os.path.join(os.path.dirname(__file__), f\"rank{os.environ['RANK']}.pt\"))\n")
-    env = {key: value for key, value in os.environ.items()
-           if key not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=REPO_ROOT)
     # From scratch, so BatchNorm running statistics train too and must also agree.
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-               "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(driver),
-               *_train_argv(data, str(tmp_path / "ddp"), "ddp", "--batch_size", "2", "--max_epoches", "1")]
-    result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    rank0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
-    rank1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    rank0, rank1 = train_on_two_ranks("train_aff", _train_argv(data, str(tmp_path / "ddp"), "ddp", "--batch_size",
+                                                               "2", "--max_epoches", "1"), tmp_path)
     assert rank0.keys() == rank1.keys()
     for key in rank0:
         assert torch.equal(rank0[key], rank1[key]), key

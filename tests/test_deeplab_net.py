@@ -11,13 +11,7 @@ from tests.reference_data import reference_keys
 REFERENCE_MODEL = "semantic-segmentation-codebase deeplabv1 (backbone resnet38, seamv1-pseudovoc)"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny convolutions run fastest on one thread (and do not fight other jobs for the cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_state_dict_matches_reference_keys_and_shapes() -> None:

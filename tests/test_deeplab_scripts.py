@@ -5,9 +5,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import socket
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -17,11 +14,11 @@ from PIL import Image
 
 import test_deeplab
 import train_deeplab
+from tests.helpers_torchrun import train_on_two_ranks
 from tool.datasets import get_dataset_info
 from tool.fileio import atomic_write_text, read_label_png, save_palette_png, save_rgb_image
 from tool.training import Trainer, read_checkpoint
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE = 32
 TRAIN_IDS = [f"img{i}" for i in range(4)]
 # Background is blue-ish, class 1 red, class 2 green: learnable from colour in a few steps.
@@ -29,13 +26,7 @@ COLOURS = {0: (40, 60, 200), 1: (210, 40, 40), 2: (40, 200, 60)}
 TINY = ["--width_mult", "0.0625", "--num_workers", "0", "--crop_size", str(SIZE)]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny convolutions run fastest on one thread (and do not fight other jobs for the cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _write_sample(root: str, image_id: str, rng: np.random.Generator, with_gt: bool = True) -> np.ndarray:
@@ -202,30 +193,11 @@ def test_submission_layout_evaluation_and_skip_existing(dataset, trained, tmp_pa
     assert read_label_png(os.path.join(out_dir, "test0.png")).shape == (SIZE, SIZE)
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_two_process_torchrun_keeps_identical_weights(dataset, tmp_path):
-    driver = tmp_path / "driver.py"
-    driver.write_text(
-        "import os, sys, torch\nimport train_deeplab\n"
-        "model = train_deeplab.run(train_deeplab.parse_args(sys.argv[1:]))\n"
-        "torch.save(model.state_dict(), os.path.join(os.path.dirname(__file__), f\"rank{os.environ['RANK']}.pt\"))\n")
-    env = {key: value for key, value in os.environ.items()
-           if key not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=REPO_ROOT)
     # From scratch, so BatchNorm running statistics train too and must also agree.
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-               "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(driver),
-               *_train_argv(dataset, str(tmp_path / "ddp"), "ddp", "--max_iters", "2", "--batch_size", "4",
-                            "--bn_momentum", "0.1")]
-    result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    rank0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
-    rank1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    argv = _train_argv(dataset, str(tmp_path / "ddp"), "ddp", "--max_iters", "2", "--batch_size", "4",
+                       "--bn_momentum", "0.1")
+    rank0, rank1 = train_on_two_ranks("train_deeplab", argv, tmp_path)
     assert rank0.keys() == rank1.keys()
     for key in rank0:
         assert torch.equal(rank0[key], rank1[key]), key

@@ -2,34 +2,17 @@
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
-import sys
 
 import torch
 
+from tests.helpers_torchrun import run_torchrun
 from tool.training import read_checkpoint
-
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_two_process_torchrun_keeps_ranks_identical(tmp_path):
     save_dir = str(tmp_path / "ddp")
-    env = {key: value for key, value in os.environ.items()
-           if key not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=REPO_ROOT)
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-               "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-               "-m", "tests.helpers_toy_train", "--save_dir", save_dir, "--max_iters", "2",
-               "--batch_size", "4", "--num_samples", "8", "--dump_weights"]
-    result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=90)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run_torchrun(["-m", "tests.helpers_toy_train", "--save_dir", save_dir, "--max_iters", "2",
+                  "--batch_size", "4", "--num_samples", "8", "--dump_weights"], timeout=90)
 
     rank0 = torch.load(os.path.join(save_dir, "rank0.pt"), weights_only=True)
     rank1 = torch.load(os.path.join(save_dir, "rank1.pt"), weights_only=True)
