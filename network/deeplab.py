@@ -52,8 +52,10 @@ class DeepLabV1(nn.Module):
         self._init_head()
 
     def _init_head(self) -> None:
-        # As the reference: He-normal (fan_out) head convolutions, BN scale 1 / shift 0; the
-        # classifier bias keeps PyTorch's default uniform initialisation.
+        # As the reference: He-normal (fan_out) hidden convolutions, BN scale 1 / shift 0. The
+        # classifier starts small (N(0, 0.01), bias 0, as DeepLab-LargeFOV's fc8), not He-normal
+        # as in the seamv1 codebase: He-normal over 512 -> 21 channels starts at a loss near 8,
+        # and from there short runs fall into predicting background everywhere.
         for name in self.new_layers:
             module = getattr(self, name)
             if isinstance(module, nn.Conv2d):
@@ -61,6 +63,8 @@ class DeepLabV1(nn.Module):
             elif isinstance(module, nn.BatchNorm2d):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
+        nn.init.normal_(self.cls_conv.weight, std=0.01)
+        nn.init.zeros_(self.cls_conv.bias)
 
     def head(self, conv6: torch.Tensor) -> torch.Tensor:
         """Class logits on the backbone's stride-8 grid."""

@@ -69,6 +69,9 @@ def test_head_initialisation_and_new_layers() -> None:
     assert weight.std().item() == pytest.approx(expected_std, rel=0.05)
     assert torch.equal(model.bn_fov.weight, torch.ones(512))
     assert torch.equal(model.bn_fov2.bias, torch.zeros(512))
+    # The classifier starts small, so the first loss is near log(21), not near 8.
+    assert model.cls_conv.weight.std().item() == pytest.approx(0.01, rel=0.05)
+    assert torch.equal(model.cls_conv.bias, torch.zeros(21))
 
 
 def test_load_pretrained_backbone_fills_and_freezes_the_backbone_only(tmp_path) -> None:

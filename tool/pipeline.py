@@ -43,9 +43,13 @@ PROFILES: dict[str, dict[str, Any]] = {
         "infer_seed": {"scales": (0.5, 1.0, 1.5, 2.0)},
         "train_aff": {"batch_size": 8, "max_epoches": 8, "lr": 0.02, "momentum": 0.9, "crop_size": 112},
         # Background exponent of the random walk: the one that reproduces the best seed threshold.
-        "infer_aff": {"alpha_from_threshold": True, "beta": 8, "logt": 6},
+        # The walk runs 2^logt steps; VOC's logt 8 is for a 56 x 56 grid, this 14 x 14 grid has a
+        # sixteenth of the pixels, so 2^4 steps spread as far (logt 6 and 8 blur objects into each
+        # other). SEAM's --crf (one mean-field step) then snaps the walk to the image edges.
+        "infer_aff": {"alpha_from_threshold": True, "beta": 8, "logt": 4, "flags": ("--crf",)},
         # BN momentum 0.1, not DeepLab's 0.0003: a short run must move the new heads' statistics.
-        "train_deeplab": {"batch_size": 8, "max_iters": 500, "lr": 0.01, "crop_size": 112,
+        # lr is the published 0.001: at 0.01 the head collapses to all-background.
+        "train_deeplab": {"batch_size": 8, "max_iters": 500, "lr": 0.001, "crop_size": 112,
                           "flags": ("--bn_momentum", "0.1")},
         "test_deeplab": {"scales": (0.75, 1.0, 1.25)},
     },
@@ -169,9 +173,10 @@ def weights_flags(ctx: Context, stage: str) -> list[str]:
 
 def random_walk_flags(ctx: Context) -> list[str]:
     settings = dict(ctx.profile["infer_aff"])
+    switches = list(settings.pop("flags", ()))
     if settings.pop("alpha_from_threshold", False):
         settings["alpha"] = round(alpha_for_threshold(clamped_threshold(ctx)), 3)
-    return [f"--{name}={value}" for name, value in settings.items()]
+    return [f"--{name}={value}" for name, value in settings.items()] + switches
 
 
 def clamped_threshold(ctx: Context) -> float:
