@@ -22,7 +22,8 @@ from typing import Sequence
 
 from tool.cli import run_cli
 from tool.fileio import DataError, read_id_list
-from tool.pipeline import PROFILES, Context, Paths, StageFailed, build_stages, run_stage, stage_done
+from tool.pipeline import (PROFILES, Context, Paths, StageFailed, build_stages, clear_outputs, run_stage,
+                           stage_done)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -77,6 +78,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             except DataError as error:  # a flag that comes from an earlier stage's result
                 print(f"[{stage.name}] (command known once earlier stages ran: {error})")
             continue
+        if forced:
+            clear_outputs(stage)
         try:
             run_stage(ctx, stage)
         except StageFailed as error:

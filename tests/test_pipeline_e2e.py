@@ -64,11 +64,21 @@ def test_second_run_resumes_without_redoing_anything(tiny_run):
     assert completed.stdout.count("done earlier") == len(STAGES)
 
 
-def test_only_reruns_one_stage(tiny_run):
+def test_only_reruns_one_stage_from_scratch(tiny_run):
     work_dir, results_dir, _ = tiny_run
-    completed = run_pipeline("--work_dir", str(work_dir), "--results_dir", str(results_dir), "--only", "eval_rw")
+    rw_masks = work_dir / "masks" / "rw"
+    masks = sorted(rw_masks.glob("*.png"))
+    assert masks
+    (rw_masks / "stale.png").write_bytes(b"left over")      # removed by the forced rerun
+    before = {path.name: path.stat().st_mtime_ns for path in masks}
+    completed = run_pipeline("--work_dir", str(work_dir), "--results_dir", str(results_dir), "--only", "infer_aff")
     assert completed.returncode == 0, completed.stderr[-2000:]
-    assert completed.stdout.count("==> [") == 1 and "==> [eval_rw]" in completed.stdout
+    assert completed.stdout.count("==> [") == 1 and "==> [infer_aff]" in completed.stdout
+    assert f"removing {rw_masks}/" in completed.stdout
+    assert not (rw_masks / "stale.png").exists()
+    after = {path.name: path.stat().st_mtime_ns for path in rw_masks.glob("*.png")}
+    assert after.keys() == before.keys()
+    assert all(after[name] > before[name] for name in before)  # every mask written again
 
 
 def chromium() -> str:
