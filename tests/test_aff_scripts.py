@@ -17,7 +17,8 @@ import train_aff
 from network.avc import AVCNet
 from tool.fileio import DataError, atomic_write_text, read_label_png, save_npy, save_rgb_image
 from tool.random_walk import AffinityGraph
-from tool.training import Trainer, read_checkpoint
+from tool.training import read_checkpoint
+from tests.helpers_resume import assert_resume_is_bit_exact
 from tests.helpers_torchrun import train_on_two_ranks
 from tests.reference_data import load_reference
 
@@ -109,33 +110,14 @@ def test_training_lowers_the_loss_and_writes_its_records(trained):
         assert json.load(handle)["la_crf_dir"].endswith("crf_4.0")
 
 
-class _Crash(Exception):
-    pass
-
-
 def test_resume_continues_bit_exactly(data, tmp_path, monkeypatch):
     # Batch 1: 4 steps per epoch, so the crash after step 2 is mid-epoch and the resume skips batches.
     schedule = ("--batch_size", "1", "--max_epoches", "1", "--save_every", "1", "--lr", "0.01")
-    straight = train_aff.run(train_aff.parse_args(_train_argv(data, str(tmp_path), "straight", *schedule)))
-
-    argv = _train_argv(data, str(tmp_path), "run", *schedule)
-    original_step = Trainer.step
-
-    def crash_after_step_2(self, loss, terms):
-        original_step(self, loss, terms)
-        if self.global_step == 2:
-            raise _Crash()
-
-    monkeypatch.setattr(Trainer, "step", crash_after_step_2)
-    with pytest.raises(_Crash):
-        train_aff.run(train_aff.parse_args(argv))
-    monkeypatch.setattr(Trainer, "step", original_step)
-    assert read_checkpoint(os.path.join(tmp_path, "run_last.pth"))["step"] == 2
-    resumed = train_aff.run(train_aff.parse_args(argv + ["--resume", "auto"]))
-
-    for key, value in straight.state_dict().items():
-        assert torch.equal(value, resumed.state_dict()[key]), key
-    assert _log_rows(str(tmp_path), "straight") == _log_rows(str(tmp_path), "run")
+    assert_resume_is_bit_exact(
+        lambda argv: train_aff.run(train_aff.parse_args(argv)),
+        _train_argv(data, str(tmp_path), "straight", *schedule), _train_argv(data, str(tmp_path), "run", *schedule),
+        str(tmp_path), "run", crash_after=2, monkeypatch=monkeypatch,
+        records=lambda session: _log_rows(str(tmp_path), session))
 
 
 def test_missing_crf_dicts_are_listed_in_one_error(data, tmp_path):

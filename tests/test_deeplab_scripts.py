@@ -14,10 +14,11 @@ from PIL import Image
 
 import test_deeplab
 import train_deeplab
+from tests.helpers_resume import assert_resume_is_bit_exact
 from tests.helpers_torchrun import train_on_two_ranks
 from tool.datasets import get_dataset_info
 from tool.fileio import atomic_write_text, read_label_png, save_palette_png, save_rgb_image
-from tool.training import Trainer, read_checkpoint
+from tool.training import read_checkpoint
 
 SIZE = 32
 TRAIN_IDS = [f"img{i}" for i in range(4)]
@@ -88,7 +89,9 @@ def trained(dataset, tmp_path_factory) -> dict[str, str]:
 def test_training_lowers_the_loss_and_writes_its_records(trained):
     losses = _losses(trained["save_dir"], "fit")
     assert len(losses) == 24 and all(np.isfinite(losses))
-    assert np.mean(losses[-6:]) < 0.5 * np.mean(losses[:6])
+    # It learns: the loss falls, and below that of a uniform guess over the 3 labels (log 3).
+    assert np.mean(losses[-6:]) < 0.75 * np.mean(losses[:6])
+    assert np.mean(losses[-6:]) < np.log(3)
     final = read_checkpoint(trained["weights"])
     assert final["step"] == 24
     assert final["args"]["pseudo_dir"].endswith("pseudo")
@@ -100,32 +103,14 @@ def test_training_lowers_the_loss_and_writes_its_records(trained):
     assert all(0.0 <= float(row["miou"]) <= 1.0 for row in rows)
 
 
-class _Crash(Exception):
-    pass
-
-
 def test_resume_continues_bit_exactly(dataset, tmp_path, monkeypatch):
+    # 2 steps per epoch: the crash after step 3 is mid-epoch, so the resume must skip batches.
     schedule = ("--max_iters", "5", "--save_every", "1", "--lr", "0.01")
-    argv = _train_argv(dataset, str(tmp_path), "run", *schedule)
-    straight = train_deeplab.run(train_deeplab.parse_args(_train_argv(dataset, str(tmp_path), "straight", *schedule)))
-
-    original_step = Trainer.step
-
-    def crash_after_step_3(self, loss, terms):
-        original_step(self, loss, terms)
-        if self.global_step == 3:  # mid-epoch (2 steps per epoch): the resume must skip batches
-            raise _Crash()
-
-    monkeypatch.setattr(Trainer, "step", crash_after_step_3)
-    with pytest.raises(_Crash):
-        train_deeplab.run(train_deeplab.parse_args(argv))
-    monkeypatch.setattr(Trainer, "step", original_step)
-    assert read_checkpoint(os.path.join(tmp_path, "run_last.pth"))["step"] == 3
-    resumed = train_deeplab.run(train_deeplab.parse_args(argv + ["--resume", "auto"]))
-
-    for key, value in straight.state_dict().items():
-        assert torch.equal(value, resumed.state_dict()[key]), key
-    assert _losses(str(tmp_path), "straight") == _losses(str(tmp_path), "run")
+    assert_resume_is_bit_exact(
+        lambda argv: train_deeplab.run(train_deeplab.parse_args(argv)),
+        _train_argv(dataset, str(tmp_path), "straight", *schedule), _train_argv(dataset, str(tmp_path), "run", *schedule),
+        str(tmp_path), "run", crash_after=3, monkeypatch=monkeypatch,
+        records=lambda session: _losses(str(tmp_path), session))
 
 
 class _ToyNet(torch.nn.Module):

@@ -14,11 +14,12 @@ from PIL import Image
 import infer_seed
 import train_avc
 from network.avc import AVCNet
+from tests.helpers_resume import assert_resume_is_bit_exact
 from tests.helpers_torchrun import train_on_two_ranks
 from tool.contract import HIGH_ALPHA, LOW_ALPHA, crf_dir
 from tool.datasets import get_dataset_info
 from tool.fileio import DataError, load_score_dict, read_id_list
-from tool.training import Trainer, read_checkpoint
+from tool.training import read_checkpoint
 from voc12.prepare import prepare_voc
 from voc12.synthetic import generate_dataset
 
@@ -79,33 +80,14 @@ def test_avc_weight_zero_logs_but_does_not_train_the_avc_terms(root, tmp_path):
         assert float(row["avc_cross"]) > 0 and float(row["avc_sem"]) > 0   # measured, left out of the total
 
 
-class _Crash(Exception):
-    pass
-
-
 def test_resume_continues_bit_exactly(root, tmp_path, monkeypatch):
     # Batch 2: 3 steps per epoch; the crash after step 2 is mid-epoch, so the resume skips a batch.
     schedule = ("--batch_size", "2", "--max_epoches", "2", "--save_every", "1", "--momentum", "0.9")
-    straight = train_avc.run(train_avc.parse_args(_train_argv(root, str(tmp_path), "straight", *schedule)))
-
-    argv = _train_argv(root, str(tmp_path), "run", *schedule)
-    original_step = Trainer.step
-
-    def crash_after_step_2(self, loss, terms):
-        original_step(self, loss, terms)
-        if self.global_step == 2:
-            raise _Crash()
-
-    monkeypatch.setattr(Trainer, "step", crash_after_step_2)
-    with pytest.raises(_Crash):
-        train_avc.run(train_avc.parse_args(argv))
-    monkeypatch.setattr(Trainer, "step", original_step)
-    assert read_checkpoint(os.path.join(tmp_path, "run_last.pth"))["step"] == 2
-    resumed = train_avc.run(train_avc.parse_args(argv + ["--resume", "auto"]))
-
-    for key, value in straight.state_dict().items():
-        assert torch.equal(value, resumed.state_dict()[key]), key
-    assert _log_rows(str(tmp_path), "straight") == _log_rows(str(tmp_path), "run")
+    assert_resume_is_bit_exact(
+        lambda argv: train_avc.run(train_avc.parse_args(argv)),
+        _train_argv(root, str(tmp_path), "straight", *schedule), _train_argv(root, str(tmp_path), "run", *schedule),
+        str(tmp_path), "run", crash_after=2, monkeypatch=monkeypatch,
+        records=lambda session: _log_rows(str(tmp_path), session))
 
 
 def test_two_process_torchrun_keeps_identical_weights(root, tmp_path):
