@@ -22,8 +22,6 @@ import logging
 import os
 from typing import Sequence
 
-import torch
-
 from network.affinity import AffinityNet, affinity_loss
 from network.weights import start_from_weights
 from tool.cli import add_dataset_args, add_model_args, add_training_args, run_cli
@@ -94,9 +92,7 @@ def run(args: argparse.Namespace) -> AffinityNet:
         model.train()
         for _ in trainer.epochs(sampler):
             for _, images, pair_labels in trainer.progress(make_loader(dataset, sampler, args.num_workers)):
-                images = images.to(dist.device, non_blocking=True)
-                if dist.device.type == "cuda":
-                    images = images.contiguous(memory_format=torch.channels_last)
+                images = trainer.images_to_device(images)
                 bg_pos, fg_pos, neg = (labels.to(dist.device, non_blocking=True) for labels in pair_labels)
                 with trainer.autocast():
                     affinities = model(images)

@@ -159,10 +159,8 @@ def run(args: argparse.Namespace) -> DeepLabV1:
         validated_at = -1
         for _ in trainer.epochs(sampler):
             for _, images, labels in trainer.progress(make_loader(dataset, sampler, args.num_workers)):
-                images = images.to(dist.device, non_blocking=True)
+                images = trainer.images_to_device(images)
                 labels = labels.to(dist.device, non_blocking=True)
-                if dist.device.type == "cuda":
-                    images = images.contiguous(memory_format=torch.channels_last)
                 with trainer.autocast():
                     logits = model(images)
                 loss = segmentation_loss(logits, labels)

@@ -485,6 +485,13 @@ class Trainer:
             yield batch
         self._close_bar()
 
+    def images_to_device(self, images: torch.Tensor) -> torch.Tensor:
+        """A batch of images (N, C, H, W) on this rank's device; channels_last on CUDA, as the model."""
+        images = images.to(self.dist.device, non_blocking=True)
+        if self.dist.device.type == "cuda":
+            images = images.contiguous(memory_format=torch.channels_last)
+        return images
+
     def autocast(self) -> ContextManager:
         return autocast_context(self.dist.device, enabled=self.amp)
 
