@@ -39,3 +39,19 @@ def train_on_two_ranks(script: str, argv: Sequence[str], work_dir: Path) -> list
         "torch.save(model.state_dict(), os.path.join(os.path.dirname(__file__), f\"rank{os.environ['RANK']}.pt\"))\n")
     run_torchrun([str(driver), *argv])
     return [torch.load(work_dir / f"rank{rank}.pt", weights_only=True) for rank in (0, 1)]
+
+
+def assert_ranks_agree_with_checkpoint(ranks: list[dict[str, torch.Tensor]], checkpoint_path: Path,
+                                       steps: int) -> None:
+    """Both ranks end with identical weights (BatchNorm buffers included), and the final
+    checkpoint, written by rank 0 after ``steps`` steps, holds them."""
+    from tool.training import read_checkpoint
+
+    rank0, rank1 = ranks
+    assert rank0.keys() == rank1.keys()
+    for key in rank0:
+        assert torch.equal(rank0[key], rank1[key]), key
+    final = read_checkpoint(str(checkpoint_path))
+    assert final["step"] == steps
+    for key, value in final["model"].items():
+        assert torch.equal(value, rank0[key]), key

@@ -19,7 +19,7 @@ from tool.fileio import DataError, atomic_write_text, read_label_png, save_npy, 
 from tool.random_walk import AffinityGraph
 from tool.training import read_checkpoint
 from tests.helpers_resume import assert_resume_is_bit_exact
-from tests.helpers_torchrun import train_on_two_ranks
+from tests.helpers_torchrun import assert_ranks_agree_with_checkpoint, train_on_two_ranks
 from tests.reference_data import load_reference
 
 HEIGHT, WIDTH = 56, 60          # width not a multiple of 8: infer_aff pads to 56 x 64 (7 x 8 grid)
@@ -148,15 +148,9 @@ def test_starts_from_a_classifier_checkpoint(data, tmp_path):
 
 def test_two_process_torchrun_keeps_identical_weights(data, tmp_path):
     # From scratch, so BatchNorm running statistics train too and must also agree.
-    rank0, rank1 = train_on_two_ranks("train_aff", _train_argv(data, str(tmp_path / "ddp"), "ddp", "--batch_size",
+    ranks = train_on_two_ranks("train_aff", _train_argv(data, str(tmp_path / "ddp"), "ddp", "--batch_size",
                                                                "2", "--max_epoches", "1"), tmp_path)
-    assert rank0.keys() == rank1.keys()
-    for key in rank0:
-        assert torch.equal(rank0[key], rank1[key]), key
-    final = read_checkpoint(str(tmp_path / "ddp" / "ddp.pth"))
-    assert final["step"] == 2
-    for key, value in final["model"].items():
-        assert torch.equal(value, rank0[key]), key
+    assert_ranks_agree_with_checkpoint(ranks, tmp_path / "ddp" / "ddp.pth", steps=2)
 
 
 def test_rw_label_reproduces_the_reference_script():

@@ -15,7 +15,7 @@ from PIL import Image
 import test_deeplab
 import train_deeplab
 from tests.helpers_resume import assert_resume_is_bit_exact
-from tests.helpers_torchrun import train_on_two_ranks
+from tests.helpers_torchrun import assert_ranks_agree_with_checkpoint, train_on_two_ranks
 from tool.datasets import get_dataset_info
 from tool.fileio import atomic_write_text, read_label_png, save_palette_png, save_rgb_image
 from tool.training import read_checkpoint
@@ -182,11 +182,5 @@ def test_two_process_torchrun_keeps_identical_weights(dataset, tmp_path):
     # From scratch, so BatchNorm running statistics train too and must also agree.
     argv = _train_argv(dataset, str(tmp_path / "ddp"), "ddp", "--max_iters", "2", "--batch_size", "4",
                        "--bn_momentum", "0.1")
-    rank0, rank1 = train_on_two_ranks("train_deeplab", argv, tmp_path)
-    assert rank0.keys() == rank1.keys()
-    for key in rank0:
-        assert torch.equal(rank0[key], rank1[key]), key
-    final = read_checkpoint(str(tmp_path / "ddp" / "ddp.pth"))
-    assert final["step"] == 2
-    for key, value in final["model"].items():
-        assert torch.equal(value, rank0[key]), key
+    ranks = train_on_two_ranks("train_deeplab", argv, tmp_path)
+    assert_ranks_agree_with_checkpoint(ranks, tmp_path / "ddp" / "ddp.pth", steps=2)
