@@ -16,34 +16,25 @@ from tool.fileio import DataError
 T = TypeVar("T")
 
 
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
+def _checked_number(convert: Callable[[str], T], accept: Callable[[T], bool], expected: str,
+                    name: str) -> Callable[[str], T]:
+    """An argparse ``type``: ``convert`` the text, then reject values ``accept`` refuses."""
+    def parse(text: str) -> T:
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if not accept(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {value}")
+        return value
+
+    parse.__name__ = parse.__qualname__ = name
+    return parse
 
 
-def non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
-    return value
+positive_int = _checked_number(int, lambda value: value > 0, "a positive integer", "positive_int")
+non_negative_int = _checked_number(int, lambda value: value >= 0, "an integer >= 0", "non_negative_int")
+positive_float = _checked_number(float, lambda value: value > 0, "a positive number", "positive_float")
 
 
 def add_dataset_args(parser: argparse.ArgumentParser, *, dataset: str = "voc12",
