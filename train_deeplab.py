@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from network.deeplab import DEEPLAB_BN_MOMENTUM, DeepLabV1
+from network.weights import start_from_weights
 from tool.cli import (add_dataset_args, add_model_args, add_training_args, non_negative_int,
                       positive_float, run_cli, shard_list)
 from tool.contract import IGNORE_LABEL
@@ -78,8 +79,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def build_model(args: argparse.Namespace, info: DatasetInfo, dist: DistInfo) -> DeepLabV1:
     """DeepLabV1 with the backbone from ``--weights`` (then frozen) or from scratch."""
     model = DeepLabV1(num_classes=info.num_classes, width_mult=args.width_mult, bn_momentum=args.bn_momentum)
-    if args.weights:
-        model.load_pretrained_backbone(args.weights)
+    start_from_weights(model, args.weights)
     if dist.distributed and dist.device.type == "cuda":
         # Batch statistics over the global batch, as with one GPU (frozen BatchNorms are untouched).
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)

@@ -80,8 +80,9 @@ def affinity_loss(aff: torch.Tensor, bg_pos: torch.Tensor, fg_pos: torch.Tensor,
     """PSA's loss: -log(aff) over bg and fg positive pairs, -log(1 - aff) over negative pairs,
     each averaged over its pairs in the batch; total = bg/4 + fg/4 + neg/2."""
     aff = aff.float()
-    bg_loss = torch.sum(-bg_pos * torch.log(aff + LOSS_EPS)) / (torch.sum(bg_pos) + LOSS_EPS)
-    fg_loss = torch.sum(-fg_pos * torch.log(aff + LOSS_EPS)) / (torch.sum(fg_pos) + LOSS_EPS)
+    log_aff = torch.log(aff + LOSS_EPS)
+    bg_loss = torch.sum(-bg_pos * log_aff) / (torch.sum(bg_pos) + LOSS_EPS)
+    fg_loss = torch.sum(-fg_pos * log_aff) / (torch.sum(fg_pos) + LOSS_EPS)
     neg_loss = torch.sum(-neg * torch.log(1 + LOSS_EPS - aff)) / (torch.sum(neg) + LOSS_EPS)
     total = bg_loss / 4 + fg_loss / 4 + neg_loss / 2
     return {"bg": bg_loss, "fg": fg_loss, "neg": neg_loss, "total": total}

@@ -44,11 +44,7 @@ def normalize_cam_for_pcm(cam: torch.Tensor) -> torch.Tensor:
         cam_d = F.relu(cam.detach().float())
         cam_max = cam_d.flatten(2).max(dim=-1)[0][..., None, None] + PCM_EPS
         cam_norm = F.relu(cam_d - PCM_EPS) / cam_max
-        foreground = cam_norm[:, 1:]
-        fg_max = foreground.max(dim=1, keepdim=True)[0]
-        background = 1 - fg_max
-        foreground = torch.where(foreground < fg_max, torch.zeros_like(foreground), foreground)
-        return torch.cat([background, foreground], dim=1)
+        return max_onehot(with_background(cam_norm))
 
 
 def l2_normalize_features(features: torch.Tensor) -> torch.Tensor:

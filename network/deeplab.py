@@ -13,7 +13,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from network.resnet38 import ResNet38
-from network.weights import LoadReport, load_pretrained_backbone
 
 # BatchNorm momentum of the reference DeepLab training (PyTorch convention: weight of the new batch).
 DEEPLAB_BN_MOMENTUM = 0.0003
@@ -77,11 +76,3 @@ class DeepLabV1(nn.Module):
         logits = self.head(self.backbone(x))
         return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=True)
 
-    def load_pretrained_backbone(self, path: str) -> LoadReport:
-        """Initialise the backbone from ImageNet (MXNet ``.params``) or a trained classifier
-        (``.pth``) and freeze it as for every fine-tuned ResNet38 (frozen BatchNorm,
-        ``conv1a``/``b2*`` fixed). The head stays randomly initialised.
-        """
-        report = load_pretrained_backbone(self, path)
-        self.backbone.freeze_pretrained()
-        return report

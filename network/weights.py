@@ -328,19 +328,20 @@ def load_trained(model: nn.Module, path: str) -> None:
 
 
 # ------------------------------------------------------------------ shared by the stage scripts
-def start_from_weights(model: nn.Module, weights: str | None) -> None:
+def start_from_weights(model: nn.Module, weights: str | None) -> LoadReport | None:
     """How every training stage starts: from ``weights`` (pretrained backbone) or from scratch.
 
     With weights (the ImageNet ``.params`` file, or a PSA/SEAM/our ``.pth`` whose backbone is
     reused), the backbone is loaded strictly and then frozen the SEAM/PSA way (BatchNorm on
     running statistics, ``conv1a`` and ``b2*`` fixed). Without, every layer trains, BatchNorm
-    included, or the deep network does not learn.
+    included, or the deep network does not learn. Returns the load report (None from scratch).
     """
     if weights is None:
         print(f"{type(model).__name__}: no --weights, training from scratch (BatchNorm trains)")
-        return
-    load_pretrained_backbone(model, weights)
+        return None
+    report = load_pretrained_backbone(model, weights)
     _find_backbone(model)[1].freeze_pretrained()
+    return report
 
 
 def saved_model_args(path: str) -> Dict[str, object]:

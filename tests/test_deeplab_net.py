@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from network.deeplab import DeepLabV1
+from network.weights import start_from_weights
 from tests.reference_data import reference_keys
 
 REFERENCE_MODEL = "semantic-segmentation-codebase deeplabv1 (backbone resnet38, seamv1-pseudovoc)"
@@ -88,7 +89,7 @@ def test_load_pretrained_backbone_fills_and_freezes_the_backbone_only(tmp_path) 
     torch.manual_seed(2)
     model = DeepLabV1(num_classes=20, width_mult=0.0625)
     head_before = model.conv_fov.weight.clone()
-    report = model.load_pretrained_backbone(path)
+    report = start_from_weights(model, path)
     assert sorted(report.loaded) == sorted("backbone." + key for key in classifier.state_dict())
     for key, value in classifier.state_dict().items():
         assert torch.equal(model.state_dict()["backbone." + key], value), key
