@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from network.affinity import AffinityNet
-from network.weights import load_trained, trained_width
+from network.weights import load_for_inference
 from tool import transforms as T
 from tool.cli import (add_dataset_args, add_inference_model_args, add_shard_args, non_negative_int, positive_float,
                       positive_int, run_cli, shard_list)
@@ -111,16 +111,6 @@ class RandomWalkDataset(Dataset):
                 "cam_dict": load_score_dict(cam_path, self.info.num_classes), "cam_path": cam_path}
 
 
-def load_model(args: argparse.Namespace, device: torch.device) -> AffinityNet:
-    """AffinityNet with strictly loaded weights; the width comes from the checkpoint unless given."""
-    model = AffinityNet(width_mult=trained_width(args.weights, args.width_mult), radius=args.radius)
-    load_trained(model, args.weights)
-    model = model.eval().to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    return model
-
-
 def crf_labels(walked: torch.Tensor, padded_input: torch.Tensor, image_hw: tuple[int, int]) -> np.ndarray:
     """SEAM's ``--crf``: upsample the walked scores to the padded size, one CRF iteration on the
     de-normalised (truncated, as the reference) padded image, arg-max, crop."""
@@ -177,7 +167,8 @@ def run(args: argparse.Namespace) -> int:
         if not todo:
             return 0
         dataset = RandomWalkDataset(info, todo, args.cam_dir, source=infer_list)
-        model = load_model(args, device)
+        model = load_for_inference(lambda width: AffinityNet(width_mult=width, radius=args.radius),
+                                   args.weights, args.width_mult, device)
         loader = DataLoader(dataset, batch_size=1, collate_fn=collate_single, num_workers=args.num_workers)
         for item in tqdm(loader, desc="random walk", disable=not dist.is_main, dynamic_ncols=True):
             label = rw_label(model, item, info.num_classes, args, device)

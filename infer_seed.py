@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from network.avc import AVCNet
-from network.weights import load_trained, trained_width
+from network.weights import load_for_inference
 from tool.cam import cam_dict_from, fuse_cams, seed_from_cam_dict
 from tool.cli import (add_dataset_args, add_inference_model_args, add_shard_args, non_negative_int, run_cli,
                       shard_list)
@@ -86,15 +86,6 @@ def output_paths(args: argparse.Namespace, image_id: str) -> list[str]:
     return paths
 
 
-def build_model(args: argparse.Namespace, num_classes: int, device: torch.device) -> AVCNet:
-    model = AVCNet(num_classes=num_classes, width_mult=trained_width(args.weights, args.width_mult))
-    load_trained(model, args.weights)
-    model.eval().to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    return model
-
-
 def visualise(model: AVCNet, item: dict, cam_dict: dict, seed: np.ndarray, device: torch.device) -> np.ndarray:
     """CAM overlays, the seed, and the PCM affinity of the unflipped scale-1 view sorted by seed class."""
     image = item["image"]
@@ -128,7 +119,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         if not todo:
             return
         dataset = MultiScaleDataset(info, todo, info.load_cls_labels(), scales=args.scales, source=infer_list)
-        model = build_model(args, info.num_classes, dist.device)
+        model = load_for_inference(lambda width: AVCNet(num_classes=info.num_classes, width_mult=width),
+                                   args.weights, args.width_mult, dist.device)
 
         def class_cams(batch: torch.Tensor) -> torch.Tensor:
             return model.forward_cam(batch)[:, 1:]  # drop the background channel, as SEAM

@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 import evaluation
 from network.deeplab import DeepLabV1
-from network.weights import load_trained, trained_width
+from network.weights import load_for_inference
 from tool import transforms as T
 from tool.cli import (add_dataset_args, add_inference_model_args, add_shard_args, non_negative_int, run_cli,
                       shard_list)
@@ -152,15 +152,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def load_model(args: argparse.Namespace, info: DatasetInfo, device: torch.device) -> DeepLabV1:
-    model = DeepLabV1(num_classes=info.num_classes, width_mult=trained_width(args.weights, args.width_mult))
-    load_trained(model, args.weights)
-    model = model.eval().to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    return model
-
-
 def evaluate_if_possible(args: argparse.Namespace, info: DatasetInfo, ids: Sequence[str]) -> dict[str, Any] | None:
     """Evaluate the PNGs of ``ids`` against the ground truth when every image has one."""
     without_gt = [image_id for image_id in ids if not os.path.isfile(info.gt_path(image_id))]
@@ -187,7 +178,8 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
         logger.info("%d images in this part of %s, %d already done", len(my_ids), args.infer_list,
                     len(my_ids) - len(todo))
         if todo:
-            model = load_model(args, info, dist.device)
+            model = load_for_inference(lambda width: DeepLabV1(num_classes=info.num_classes, width_mult=width),
+                                       args.weights, args.width_mult, dist.device)
             dataset = DeepLabTestDataset(info, todo, args.scales, args.flip, source=args.infer_list)
             loader = DataLoader(dataset, batch_size=1, num_workers=args.num_workers, collate_fn=collate_single,
                                 generator=torch.Generator().manual_seed(0))

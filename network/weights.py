@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import pickle
 import struct
-from typing import BinaryIO, Dict, List, Mapping, NamedTuple, Tuple
+from typing import BinaryIO, Callable, Dict, List, Mapping, NamedTuple, Tuple
 
 import numpy as np
 import torch
@@ -23,6 +23,7 @@ import torch.nn as nn
 
 from network.resnet38 import ResNet38
 from tool.fileio import DataError
+from tool.training import unwrap_model
 
 # ------------------------------------------------------------------ MXNet .params reader
 _LIST_MAGIC = 0x112
@@ -201,17 +202,32 @@ def _torch_load(path: str):
         raise DataError(f"{path}: cannot read weights ({error})") from error
 
 
+def _read_weights_file(path: str) -> object:
+    """What a weight file holds: the ``.params`` tensors (mapped to ResNet38 names) or the
+    ``.pth`` object as saved."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: weight file not found")
+    if path.endswith(".params"):
+        return mxnet_to_resnet38(read_mxnet_params(path))
+    return _torch_load(path)
+
+
+def _saved_args(loaded: object) -> Dict[str, object]:
+    """The ``'args'`` entry of one of our checkpoints; ``{}`` for any other file."""
+    args = loaded.get("args") if isinstance(loaded, Mapping) else None
+    return dict(args) if isinstance(args, Mapping) else {}
+
+
 def read_state_dict(path: str) -> Dict[str, torch.Tensor]:
     """State dict from a ``.params`` file (mapped to ResNet38 names) or a ``.pth`` file.
 
     ``.pth`` may be a bare state dict (PSA/SEAM releases) or our checkpoint (a dict with a
     ``'model'`` entry); ``module.`` prefixes are removed.
     """
-    if not os.path.isfile(path):
-        raise DataError(f"{path}: weight file not found")
-    if path.endswith(".params"):
-        return mxnet_to_resnet38(read_mxnet_params(path))
-    loaded = _torch_load(path)
+    return _state_dict_of(_read_weights_file(path), path)
+
+
+def _state_dict_of(loaded: object, path: str) -> Dict[str, torch.Tensor]:
     if isinstance(loaded, Mapping):
         for wrapper_key in ("model", "state_dict"):
             if wrapper_key in loaded and isinstance(loaded[wrapper_key], Mapping):
@@ -304,8 +320,11 @@ def load_trained(model: nn.Module, path: str) -> None:
     Only ``num_batches_tracked`` may be absent (files from torch < 0.4.1). Anything else
     missing, any unexpected key or a shape conflict raises DataError listing them.
     """
-    target = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-    file_state = read_state_dict(path)
+    _load_strictly(model, read_state_dict(path), path)
+
+
+def _load_strictly(model: nn.Module, file_state: Dict[str, torch.Tensor], path: str) -> None:
+    target = unwrap_model(model)
     model_state = target.state_dict()
     for key, value in model_state.items():
         if key.endswith("num_batches_tracked") and key not in file_state:
@@ -353,11 +372,21 @@ def saved_model_args(path: str) -> Dict[str, object]:
         raise DataError(f"{path}: weight file not found")
     if path.endswith(".params"):
         return {}
-    loaded = _torch_load(path)
-    args = loaded.get("args") if isinstance(loaded, Mapping) else None
-    return dict(args) if isinstance(args, Mapping) else {}
+    return _saved_args(_torch_load(path))
 
 
-def trained_width(weights: str, requested: float | None) -> float:
-    """The backbone width to build for ``weights``: as requested, else as saved in the checkpoint."""
-    return requested or float(saved_model_args(weights).get("width_mult", 1.0))
+def load_for_inference(build: Callable[[float], nn.Module], weights: str, width_mult: float | None,
+                       device: torch.device) -> nn.Module:
+    """The trained model of an inference script, from one read of ``weights``.
+
+    ``build(width)`` makes the network at ``width_mult``, or else at the width saved in the
+    checkpoint (1.0 for PSA/SEAM files); the weights load strictly (:func:`load_trained`); the
+    model is returned in eval mode on ``device``, channels_last on CUDA.
+    """
+    loaded = _read_weights_file(weights)
+    model = build(width_mult or float(_saved_args(loaded).get("width_mult", 1.0)))
+    _load_strictly(model, _state_dict_of(loaded, weights), weights)
+    model = model.eval().to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    return model
