@@ -39,6 +39,7 @@ from tool.fileio import DataError, load_score_dict, read_id_list, read_rgb_image
 from tool.logs import config_dict, save_config, setup_logging
 from tool.random_walk import (FEATURE_STRIDE, AffinityGraph, padded_size, random_walk, random_walk_labels,
                               rw_scores_from_cam_dict)
+from tool.training import images_to_device
 from voc12.data import collate_single
 
 logger = logging.getLogger("infer_aff")
@@ -126,9 +127,7 @@ def rw_label(model: AffinityNet, item: dict[str, Any], num_classes: int, args: a
     """The random-walk label map (H, W) uint8 of one dataset item."""
     image_hw = item["image"].shape[:2]
     padded_input = item["input"]
-    x = padded_input[None].to(device)
-    if device.type == "cuda":
-        x = x.contiguous(memory_format=torch.channels_last)
+    x = images_to_device(padded_input[None], device)
     try:
         with torch.inference_mode():
             graph: AffinityGraph = model.affinity_graph(x)

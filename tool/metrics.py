@@ -180,16 +180,9 @@ class ConfusionMatrix:
 
     def all_reduce(self) -> None:
         """Sum the counts over all ranks of an initialised torch.distributed group (no-op otherwise)."""
-        import torch
-        import torch.distributed as dist
+        from tool.distributed import all_reduce_confusion  # imported late: evaluation runs without torch
 
-        if not (dist.is_available() and dist.is_initialized()):
-            return
-        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" \
-            else torch.device("cpu")
-        tensor = torch.from_numpy(self.counts).to(device)
-        dist.all_reduce(tensor)
-        self.counts = tensor.cpu().numpy().astype(np.int64)
+        self.counts = all_reduce_confusion(self.counts)
 
     def reset(self) -> None:
         self.counts[...] = 0

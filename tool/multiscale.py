@@ -10,11 +10,12 @@ channels_last memory format, which the caller sets once).
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
+
+from tool.training import autocast_context, images_to_device
 
 ModelFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -28,13 +29,8 @@ def _check_views(views: Sequence[torch.Tensor]) -> None:
 
 
 def _run_model(model_fn: ModelFn, batch: torch.Tensor, device: torch.device, amp: bool) -> torch.Tensor:
-    batch = batch.to(device, non_blocking=True)
-    if device.type == "cuda":
-        batch = batch.contiguous(memory_format=torch.channels_last)
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and amp
-                else contextlib.nullcontext())
-    with autocast:
-        scores = model_fn(batch)
+    with autocast_context(device, amp):
+        scores = model_fn(images_to_device(batch, device))
     return scores.float()
 
 

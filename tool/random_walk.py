@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from tool.affinity import pair_indices
+from tool.cam import bg_score
 from tool.fileio import DataError
 
 FEATURE_STRIDE = 8
@@ -225,7 +226,7 @@ def rw_scores_from_cam_dict(cam_dict: Mapping[int, np.ndarray], num_classes: int
             raise DataError(f"{source}: class {key} map is {cam.shape[0]}x{cam.shape[1]}, "
                             f"the image is {height}x{width}")
         full[int(key) + 1] = cam
-    full[0] = np.power(1 - np.max(full[1:], axis=0), np.float32(alpha))
+    full[0] = bg_score(full[1:], alpha)[0]
     padded_h, padded_w = padded_size(image_hw)
     full = np.pad(full, ((0, 0), (0, padded_h - height), (0, padded_w - width)))
     return F.avg_pool2d(torch.from_numpy(full), FEATURE_STRIDE, FEATURE_STRIDE)

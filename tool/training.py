@@ -127,6 +127,14 @@ class PolyLR(torch.optim.lr_scheduler.LRScheduler):
         return [base_lr * factor for base_lr in self.base_lrs]
 
 
+def images_to_device(images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A batch of images (N, C, H, W) on ``device``; channels_last on CUDA, as the models there."""
+    images = images.to(device, non_blocking=True)
+    if device.type == "cuda":
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images
+
+
 def autocast_context(device: torch.device | str, enabled: bool = True) -> ContextManager:
     """bf16 autocast on CUDA (no loss scaling needed); nothing on CPU."""
     device = torch.device(device)
@@ -487,10 +495,7 @@ class Trainer:
 
     def images_to_device(self, images: torch.Tensor) -> torch.Tensor:
         """A batch of images (N, C, H, W) on this rank's device; channels_last on CUDA, as the model."""
-        images = images.to(self.dist.device, non_blocking=True)
-        if self.dist.device.type == "cuda":
-            images = images.contiguous(memory_format=torch.channels_last)
-        return images
+        return images_to_device(images, self.dist.device)
 
     def autocast(self) -> ContextManager:
         return autocast_context(self.dist.device, enabled=self.amp)
