@@ -40,7 +40,7 @@ from tool.logs import config_dict, save_config, setup_logging
 from tool.random_walk import (FEATURE_STRIDE, AffinityGraph, padded_size, random_walk, random_walk_labels,
                               rw_scores_from_cam_dict)
 from tool.training import images_to_device
-from voc12.data import collate_single
+from voc12.data import check_images, collate_single
 
 logger = logging.getLogger("infer_aff")
 
@@ -93,9 +93,9 @@ class RandomWalkDataset(Dataset):
 
     def __init__(self, info: DatasetInfo, ids: Sequence[str], cam_dir: str, source: str | None = None) -> None:
         self.info, self.ids, self.cam_dir = info, list(ids), cam_dir
-        origin = source or info.root
-        require_files((info.image_path(image_id) for image_id in self.ids), "images", source=origin)
-        require_files((self.cam_path(image_id) for image_id in self.ids), f"CAM dicts in {cam_dir}", source=origin)
+        check_images(info, self.ids, source)
+        require_files((self.cam_path(image_id) for image_id in self.ids), f"CAM dicts in {cam_dir}",
+                      source=source or info.root)
 
     def cam_path(self, image_id: str) -> str:
         return os.path.join(self.cam_dir, f"{image_id}.npy")

@@ -40,10 +40,10 @@ from tool.cli import (add_dataset_args, add_inference_model_args, add_shard_args
 from tool.crf import DEEPLAB_TEST_CRF, dense_crf
 from tool.datasets import DatasetInfo, get_dataset_info
 from tool.distributed import barrier, cleanup, setup_distributed
-from tool.fileio import read_id_list, read_rgb_image, require_files, save_palette_png
+from tool.fileio import read_id_list, read_rgb_image, save_palette_png
 from tool.logs import setup_logging
 from tool.multiscale import forward_views
-from voc12.data import collate_single
+from voc12.data import check_images, collate_single
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ class DeepLabTestDataset(Dataset):
         if not scales:
             raise ValueError("at least one scale is needed")
         self.info, self.ids, self.scales, self.flip = info, list(ids), tuple(scales), flip
-        require_files((info.image_path(image_id) for image_id in self.ids), "images", source=source or info.root)
+        check_images(info, self.ids, source)
 
     def __len__(self) -> int:
         return len(self.ids)

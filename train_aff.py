@@ -27,7 +27,7 @@ from network.weights import start_from_weights
 from tool.cli import add_dataset_args, add_model_args, add_training_args, run_cli
 from tool.datasets import get_dataset_info
 from tool.distributed import cleanup, setup_distributed
-from tool.fileio import read_id_list, require_files
+from tool.fileio import read_id_list
 from tool.logs import setup_logging
 from tool.training import build_trainer, make_loader, seed_everything, unwrap_model
 from voc12.affinity_dataset import LABEL_STRIDE, AffinityDataset
@@ -62,12 +62,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def require_crf_dicts(ids: Sequence[str], la_dir: str, ha_dir: str, source: str) -> None:
-    """One DataError listing the first ten missing la/ha CRF dicts and their count."""
-    paths = [AffinityDataset.crf_path(folder, image_id) for folder in (la_dir, ha_dir) for image_id in ids]
-    require_files(paths, "low/high-alpha CRF dicts", source=source)
-
-
 def run(args: argparse.Namespace) -> AffinityNet:
     """Train as the flags say; returns the trained (unwrapped) model."""
     dist = setup_distributed()
@@ -77,7 +71,6 @@ def run(args: argparse.Namespace) -> AffinityNet:
         info = get_dataset_info(args.dataset, args.voc12_root)
         train_list = args.train_list or info.list_path("train_aug")
         train_ids = read_id_list(train_list)
-        require_crf_dicts(train_ids, args.la_crf_dir, args.ha_crf_dir, train_list)
         dataset = AffinityDataset(info, train_ids, args.la_crf_dir, args.ha_crf_dir, crop_size=args.crop_size,
                                   radius=AFFINITY_RADIUS, seed=args.seed, source=train_list)
         logger.info("%d training images from %s (%s), CRF dicts from %s and %s", len(dataset), train_list,

@@ -20,7 +20,7 @@ from tool import transforms as T
 from tool.affinity import affinity_pair_labels, affinity_radius, fuse_crf_labels, pool_score_stack
 from tool.datasets import DatasetInfo
 from tool.fileio import DataError, load_score_dict, read_rgb_image, require_files
-from voc12.data import _EpochSeeded
+from voc12.data import _EpochSeeded, check_images
 
 LABEL_STRIDE = 8
 
@@ -61,13 +61,10 @@ class AffinityDataset(_EpochSeeded, Dataset):
                  radius: int = 5, seed: int = 0, augment: bool = True, source: str | None = None) -> None:
         if crop_size % LABEL_STRIDE:
             raise ValueError(f"crop_size must be a multiple of {LABEL_STRIDE}, got {crop_size}")
-        if not ids:
-            raise DataError(f"{source or info.root}: the image list is empty")
         self.info, self.ids, self.la_dir, self.ha_dir = info, list(ids), la_dir, ha_dir
-        origin = source or info.root
-        require_files((info.image_path(i) for i in self.ids), "images", source=origin)
-        require_files((self.crf_path(la_dir, i) for i in self.ids), "low-alpha CRF dicts", source=origin)
-        require_files((self.crf_path(ha_dir, i) for i in self.ids), "high-alpha CRF dicts", source=origin)
+        require_files([self.crf_path(folder, image_id) for folder in (la_dir, ha_dir) for image_id in self.ids],
+                      "low/high-alpha CRF dicts", source=source or info.root)
+        check_images(info, self.ids, source)
         self.crop_size, self.radius, self.seed, self.augment = crop_size, radius, seed, augment
 
     @staticmethod

@@ -22,7 +22,8 @@ from tool.datasets import DatasetInfo
 from tool.fileio import DataError, read_label_png, read_rgb_image, require_files
 
 
-def _check_images(info: DatasetInfo, ids: Sequence[str], source: str | None) -> None:
+def check_images(info: DatasetInfo, ids: Sequence[str], source: str | None) -> None:
+    """A non-empty list whose images all exist (one DataError naming the first ten missing)."""
     if not ids:
         raise DataError(f"{source or info.root}: the image list is empty")
     require_files((info.image_path(image_id) for image_id in ids), "images", source=source or info.root)
@@ -61,7 +62,7 @@ class ImageListDataset(Dataset):
     """``(image_id, uint8 HxWx3 RGB image)`` for each id."""
 
     def __init__(self, info: DatasetInfo, ids: Sequence[str], source: str | None = None) -> None:
-        _check_images(info, ids, source)
+        check_images(info, ids, source)
         self.info, self.ids = info, list(ids)
 
     def __len__(self) -> int:
@@ -83,7 +84,7 @@ class ClassificationDataset(_EpochSeeded, Dataset):
     def __init__(self, info: DatasetInfo, ids: Sequence[str], cls_labels: Mapping[str, np.ndarray],
                  crop_size: int = 448, resize_long: tuple[int, int] | None = (448, 768), seed: int = 0,
                  augment: bool = True, source: str | None = None) -> None:
-        _check_images(info, ids, source)
+        check_images(info, ids, source)
         _check_cls_labels(info, ids, cls_labels)
         self.info, self.ids = info, list(ids)
         self.cls_labels = {image_id: np.asarray(cls_labels[image_id], dtype=np.float32) for image_id in self.ids}
@@ -118,7 +119,7 @@ class MultiScaleDataset(Dataset):
 
     def __init__(self, info: DatasetInfo, ids: Sequence[str], cls_labels: Mapping[str, np.ndarray],
                  scales: Sequence[float] = (0.5, 1.0, 1.5, 2.0), source: str | None = None) -> None:
-        _check_images(info, ids, source)
+        check_images(info, ids, source)
         _check_cls_labels(info, ids, cls_labels)
         self.info, self.ids, self.scales = info, list(ids), tuple(scales)
         self.cls_labels = {image_id: np.asarray(cls_labels[image_id], dtype=np.float32) for image_id in self.ids}
@@ -156,7 +157,7 @@ class SegmentationDataset(_EpochSeeded, Dataset):
     def __init__(self, info: DatasetInfo, ids: Sequence[str], label_dir: str | None = None, crop_size: int = 448,
                  scale_range: tuple[float, float] = (0.5, 1.5), seed: int = 0, augment: bool = True,
                  hsv_shift: tuple[int, int, int] | None = (10, 10, 10), source: str | None = None) -> None:
-        _check_images(info, ids, source)
+        check_images(info, ids, source)
         self.info, self.ids, self.label_dir = info, list(ids), label_dir
         require_files((self.label_path(image_id) for image_id in self.ids), "label maps", source=source or info.root)
         self.crop_size, self.scale_range, self.seed, self.augment = crop_size, scale_range, seed, augment
