@@ -13,6 +13,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import io
 import json
@@ -109,16 +110,15 @@ def _count_all(template: _CountJob, image_ids: Sequence[str], num_workers: int, 
             for start in range(0, len(image_ids), chunk_size)]
     total = None
     with tqdm(total=len(image_ids), desc=description, disable=not progress, unit="img") as bar:
-        if num_workers == 1:
-            results = map(_count_images, jobs)
+        with contextlib.ExitStack() as stack:
+            if num_workers == 1:
+                results = map(_count_images, jobs)
+            else:
+                pool = stack.enter_context(ProcessPoolExecutor(max_workers=min(num_workers, len(jobs))))
+                results = pool.map(_count_images, jobs)
             for job, counts in zip(jobs, results):
                 total = counts if total is None else total + counts
                 bar.update(len(job.image_ids))
-        else:
-            with ProcessPoolExecutor(max_workers=min(num_workers, len(jobs))) as pool:
-                for job, counts in zip(jobs, pool.map(_count_images, jobs)):
-                    total = counts if total is None else total + counts
-                    bar.update(len(job.image_ids))
     return total
 
 
@@ -313,7 +313,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     info = get_dataset_info(args.dataset, args.voc12_root or os.curdir)
     class_names = list(info.class_names)
     # The dataset's own label folder (VOC: SegmentationClassAug when present, else SegmentationClass).
-    gt_dir = args.gt_dir if args.gt_dir is not None else os.path.dirname(info.gt_path("id"))
+    gt_dir = args.gt_dir if args.gt_dir is not None else info.label_folder
     image_ids = read_id_list(args.list)
 
     if args.curve:

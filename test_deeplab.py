@@ -159,7 +159,7 @@ def evaluate_if_possible(args: argparse.Namespace, info: DatasetInfo, ids: Seque
         logger.info("%d of %d images have no ground truth (e.g. %s): no evaluation", len(without_gt),
                     len(ids), info.gt_path(without_gt[0]))
         return None
-    results = evaluation.evaluate(args.out_dir, os.path.dirname(info.gt_path(ids[0])), ids, info.class_names,
+    results = evaluation.evaluate(args.out_dir, info.label_folder, ids, info.class_names,
                                   input_type="png", num_workers=max(1, args.num_workers))
     print(evaluation.format_table(results))
     return results

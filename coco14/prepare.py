@@ -25,7 +25,7 @@ _LIST_OF_SPLIT = {"train2014": "train", "val2014": "val"}
 
 def prepare_coco(info: DatasetInfo, workers: int = 1) -> dict[str, list[str]]:
     """Lists and cls labels of a COCO 2014 root (see the module docstring)."""
-    label_folder = os.path.join(info.root, info.label_dir)
+    label_folder = info.label_folder
     labelled_ids = sorted(image_ids_in(label_folder, ".png"))
     if not labelled_ids:
         raise DataError(f"{label_folder}: no label PNG found")

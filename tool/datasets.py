@@ -52,9 +52,14 @@ class DatasetInfo:
     def image_path(self, image_id: str) -> str:
         return os.path.join(self.root, self.image_dir, image_id + self.image_suffix)
 
+    @property
+    def label_folder(self) -> str:
+        """The folder of the ground-truth label PNGs."""
+        return os.path.join(self.root, self.label_dir)
+
     def gt_path(self, image_id: str) -> str:
         """The ground-truth label PNG of an image."""
-        return os.path.join(self.root, self.label_dir, image_id + ".png")
+        return os.path.join(self.label_folder, image_id + ".png")
 
     def list_path(self, split: str) -> str:
         if split not in SPLITS:

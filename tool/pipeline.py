@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
 from tool.cam import alpha_for_threshold
+from tool.contract import HIGH_ALPHA, LOW_ALPHA, crf_dir
 from tool.fileio import DataError, atomic_write_text, read_id_list
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -243,7 +244,7 @@ def build_stages(ctx: Context) -> list[Stage]:
             "infer_seed.py", *dataset_flags(c), "--weights", avc_weights, "--infer_list", train_list,
             "--scales", *_strings(profile["infer_seed"]["scales"]), "--out_cam", p.cam, "--out_crf", p.crf,
             "--out_cam_pred", p.seed_png, "--num_workers", workers],
-            "CAM dicts, seed PNGs, low/high-alpha CRF dicts", (p.cam, p.seed_png, f"{p.crf}_4.0", f"{p.crf}_24.0")),
+            "CAM dicts, seed PNGs, low/high-alpha CRF dicts", (p.cam, p.seed_png, crf_dir(p.crf, LOW_ALPHA), crf_dir(p.crf, HIGH_ALPHA))),
         Stage("eval_seed", lambda c: evaluate("seed", p.cam, eval_list, "--type", "npy", "--curve",
                                               "--out_dir", p.seed_curve),
               "seed mIoU over background thresholds"),
@@ -254,7 +255,7 @@ def build_stages(ctx: Context) -> list[Stage]:
         Stage("eval_crf", lambda c: evaluate("crf", p.crf_masks, eval_list, "--type", "png"), "CRF mask mIoU"),
         Stage("train_aff", lambda c: [
             "train_aff.py", *dataset_flags(c), "--train_list", train_list, "--session_name", "aff",
-            "--la_crf_dir", f"{p.crf}_4.0", "--ha_crf_dir", f"{p.crf}_24.0",
+            "--la_crf_dir", crf_dir(p.crf, LOW_ALPHA), "--ha_crf_dir", crf_dir(p.crf, HIGH_ALPHA),
             *_strings(training_flags(c, "train_aff"))],
             "AffinityNet", checkpoint_files("aff")),
         Stage("infer_aff", lambda c: [

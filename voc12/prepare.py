@@ -111,7 +111,7 @@ def prepare_voc(info: DatasetInfo, workers: int = 1) -> dict[str, list[str]]:
         if split == "test" and not os.path.isfile(path):
             continue
         split_ids[split] = read_id_list(path)
-    label_folder = os.path.join(root, info.label_dir)
+    label_folder = info.label_folder
     labelled_ids = sorted(image_ids_in(label_folder, ".png"))
     if not labelled_ids:
         raise DataError(f"{label_folder}: no label PNG found")
