@@ -2,6 +2,7 @@
 optimiser step, resume it with ``--resume auto``, and compare with an uninterrupted run."""
 from __future__ import annotations
 
+import csv
 import os
 from typing import Any, Callable, Sequence
 
@@ -9,6 +10,12 @@ import pytest
 import torch
 
 from tool.training import Trainer, read_checkpoint
+
+
+def log_rows(save_dir: str, session: str) -> list[dict[str, str]]:
+    """The rows of a training run's CSV log ``<save_dir>/<session>_log.csv``."""
+    with open(os.path.join(save_dir, f"{session}_log.csv"), newline="") as handle:
+        return list(csv.DictReader(handle))
 
 
 class Crash(Exception):

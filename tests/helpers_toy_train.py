@@ -24,9 +24,8 @@ from torch.utils.data import Dataset
 
 from tool.cli import add_training_args, positive_int, run_cli
 from tool.distributed import cleanup, setup_distributed
-from tool.logs import save_config, setup_logging
-from tool.training import (EpochBatchSampler, PolyLR, Trainer, make_loader, make_sgd, parameter_groups,
-                           prepare_model, seed_everything, unwrap_model)
+from tool.logs import setup_logging
+from tool.training import build_trainer, make_loader, seed_everything, unwrap_model
 
 logger = logging.getLogger(__name__)
 
@@ -92,20 +91,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         setup_logging(os.path.join(args.save_dir, f"{args.session_name}.log"), dist.is_main)
         seed_everything(args.seed + dist.rank)
         model = ToyNet()
-        groups = parameter_groups(model, args.lr, args.wt_dec)
-        optimizer = make_sgd(groups, momentum=args.momentum)
-        model = prepare_model(model, dist)
         dataset = ToyDataset(args.num_samples, args.seed)
-        sampler = EpochBatchSampler(len(dataset), args.batch_size, seed=args.seed,
-                                    rank=dist.rank, world_size=dist.world_size)
-        scheduler = PolyLR(optimizer, max_step=args.max_iters)
-        trainer = Trainer(model, optimizer, scheduler, dist, max_step=args.max_iters,
-                          steps_per_epoch=sampler.batches_per_epoch, loss_names=("ce", "l2"),
-                          save_dir=args.save_dir, session_name=args.session_name,
-                          save_every=args.save_every, args=args, amp=args.amp)
-        if dist.is_main:
-            save_config(args, os.path.join(args.save_dir, f"{args.session_name}_config.json"))
-        trainer.resume(args.resume)
+        trainer, sampler = build_trainer(model, len(dataset), args, dist, ("ce", "l2"), max_step=args.max_iters)
+        model = trainer.model
         model.train()
         for _ in trainer.epochs(sampler):
             for images, labels in trainer.progress(make_loader(dataset, sampler, args.num_workers)):

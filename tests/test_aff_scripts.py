@@ -3,7 +3,6 @@ torchrun run, random-walk PNGs, skip-existing, missing inputs and strict weight 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 
@@ -18,7 +17,7 @@ from network.avc import AVCNet
 from tool.fileio import DataError, atomic_write_text, read_label_png, save_npy, save_rgb_image
 from tool.random_walk import AffinityGraph
 from tool.training import read_checkpoint
-from tests.helpers_resume import assert_resume_is_bit_exact
+from tests.helpers_resume import assert_resume_is_bit_exact, log_rows
 from tests.helpers_torchrun import assert_ranks_agree_with_checkpoint, train_on_two_ranks
 from tests.reference_data import load_reference
 
@@ -80,11 +79,6 @@ def _train_argv(data: dict[str, str], save_dir: str, session: str, *extra: str) 
             "--session_name", session, *TINY, *extra]
 
 
-def _log_rows(save_dir: str, session: str) -> list[dict[str, str]]:
-    with open(os.path.join(save_dir, f"{session}_log.csv"), newline="") as handle:
-        return list(csv.DictReader(handle))
-
-
 @pytest.fixture(scope="module")
 def trained(data, tmp_path_factory) -> dict[str, str]:
     """One short from-scratch run, shared by the tests that need AffinityNet weights."""
@@ -95,7 +89,7 @@ def trained(data, tmp_path_factory) -> dict[str, str]:
 
 
 def test_training_lowers_the_loss_and_writes_its_records(trained):
-    rows = _log_rows(trained["save_dir"], "aff")
+    rows = log_rows(trained["save_dir"], "aff")
     assert len(rows) == 12 and set(rows[0]) >= {"step", "lr", "loss", "bg", "fg", "neg"}
     losses = [float(row["loss"]) for row in rows]
     for row in rows:  # the total is bg/4 + fg/4 + neg/2 of the logged terms
@@ -117,7 +111,7 @@ def test_resume_continues_bit_exactly(data, tmp_path, monkeypatch):
         lambda argv: train_aff.run(train_aff.parse_args(argv)),
         _train_argv(data, str(tmp_path), "straight", *schedule), _train_argv(data, str(tmp_path), "run", *schedule),
         str(tmp_path), "run", crash_after=2, monkeypatch=monkeypatch,
-        records=lambda session: _log_rows(str(tmp_path), session))
+        records=lambda session: log_rows(str(tmp_path), session))
 
 
 def test_missing_crf_dicts_are_listed_in_one_error(data, tmp_path):

@@ -14,7 +14,7 @@ from PIL import Image
 
 import test_deeplab
 import train_deeplab
-from tests.helpers_resume import assert_resume_is_bit_exact
+from tests.helpers_resume import assert_resume_is_bit_exact, log_rows
 from tests.helpers_torchrun import assert_ranks_agree_with_checkpoint, train_on_two_ranks
 from tool.datasets import get_dataset_info
 from tool.fileio import atomic_write_text, read_label_png, save_palette_png, save_rgb_image
@@ -72,8 +72,7 @@ def _train_argv(data: dict[str, str], save_dir: str, session: str, *extra: str) 
 
 
 def _losses(save_dir: str, session: str) -> list[float]:
-    with open(os.path.join(save_dir, f"{session}_log.csv"), newline="") as handle:
-        return [float(row["loss"]) for row in csv.DictReader(handle)]
+    return [float(row["loss"]) for row in log_rows(save_dir, session)]
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@ ablation, bit-exact resume, a 2-process torchrun run, seed outputs in SEAM's for
 sharding and strict weight loading."""
 from __future__ import annotations
 
-import csv
 import os
 
 import numpy as np
@@ -14,7 +13,7 @@ from PIL import Image
 import infer_seed
 import train_avc
 from network.avc import AVCNet
-from tests.helpers_resume import assert_resume_is_bit_exact
+from tests.helpers_resume import assert_resume_is_bit_exact, log_rows
 from tests.helpers_torchrun import assert_ranks_agree_with_checkpoint, train_on_two_ranks
 from tool.contract import HIGH_ALPHA, LOW_ALPHA, crf_dir
 from tool.datasets import get_dataset_info
@@ -46,11 +45,6 @@ def _train_argv(root: str, save_dir: str, session: str, *extra: str) -> list[str
             "--save_dir", save_dir, "--session_name", session, *TINY, *extra]
 
 
-def _log_rows(save_dir: str, session: str) -> list[dict[str, str]]:
-    with open(os.path.join(save_dir, f"{session}_log.csv"), newline="") as handle:
-        return list(csv.DictReader(handle))
-
-
 @pytest.fixture(scope="module")
 def trained(root, tmp_path_factory) -> dict[str, str]:
     save_dir = str(tmp_path_factory.mktemp("avc_run"))
@@ -60,7 +54,7 @@ def trained(root, tmp_path_factory) -> dict[str, str]:
 
 
 def test_training_logs_every_term_and_saves_a_loadable_checkpoint(trained):
-    rows = _log_rows(trained["save_dir"], "avc")
+    rows = log_rows(trained["save_dir"], "avc")
     assert [int(row["step"]) for row in rows] == [1, 2, 3, 4]
     for row in rows:  # default weights: the total is the plain sum of the six terms
         terms = [float(row[name]) for name in SEAM_TERMS + AVC_TERMS]
@@ -74,7 +68,7 @@ def test_training_logs_every_term_and_saves_a_loadable_checkpoint(trained):
 def test_avc_weight_zero_logs_but_does_not_train_the_avc_terms(root, tmp_path):
     argv = _train_argv(root, str(tmp_path), "seam", "--batch_size", "3", "--max_epoches", "1", "--avc_weight", "0")
     train_avc.run(train_avc.parse_args(argv))
-    for row in _log_rows(str(tmp_path), "seam"):
+    for row in log_rows(str(tmp_path), "seam"):
         seam_total = sum(float(row[name]) for name in SEAM_TERMS)
         assert float(row["loss"]) == pytest.approx(seam_total, rel=1e-5)
         assert float(row["avc_cross"]) > 0 and float(row["avc_sem"]) > 0   # measured, left out of the total
@@ -87,7 +81,7 @@ def test_resume_continues_bit_exactly(root, tmp_path, monkeypatch):
         lambda argv: train_avc.run(train_avc.parse_args(argv)),
         _train_argv(root, str(tmp_path), "straight", *schedule), _train_argv(root, str(tmp_path), "run", *schedule),
         str(tmp_path), "run", crash_after=2, monkeypatch=monkeypatch,
-        records=lambda session: _log_rows(str(tmp_path), session))
+        records=lambda session: log_rows(str(tmp_path), session))
 
 
 def test_two_process_torchrun_keeps_identical_weights(root, tmp_path):
