@@ -143,15 +143,14 @@ def autocast_context(device: torch.device | str, enabled: bool = True) -> Contex
     return contextlib.nullcontext()
 
 
-def prepare_model(model: nn.Module, dist: DistInfo, find_unused_parameters: bool = False) -> nn.Module:
+def prepare_model(model: nn.Module, dist: DistInfo) -> nn.Module:
     """Move to the device; channels_last on CUDA; wrap in DDP when the run has several processes."""
     model = model.to(dist.device)
     if dist.device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     if dist.distributed:
         device_ids = [dist.device.index] if dist.device.type == "cuda" else None
-        model = DistributedDataParallel(model, device_ids=device_ids,
-                                        find_unused_parameters=find_unused_parameters)
+        model = DistributedDataParallel(model, device_ids=device_ids)
     return model
 
 
@@ -237,8 +236,7 @@ class EpochBatchSampler(Sampler[list[int]]):
         return self.batches_per_epoch - self.skip_batches
 
 
-def make_loader(dataset: Dataset, sampler: EpochBatchSampler, num_workers: int,
-                collate_fn: Any = None, pin_memory: bool | None = None) -> DataLoader:
+def make_loader(dataset: Dataset, sampler: EpochBatchSampler, num_workers: int) -> DataLoader:
     """A DataLoader over ``sampler``'s batches for its current epoch.
 
     Calls ``dataset.set_epoch(epoch)`` when the dataset has it (augmentation drawn from
@@ -250,10 +248,8 @@ def make_loader(dataset: Dataset, sampler: EpochBatchSampler, num_workers: int,
         dataset.set_epoch(sampler.epoch)
     generator = torch.Generator()
     generator.manual_seed(int(np.random.default_rng((sampler.seed, sampler.epoch, 7)).integers(2**62)))
-    if pin_memory is None:
-        pin_memory = torch.cuda.is_available()
-    return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate_fn,
-                      pin_memory=pin_memory, generator=generator, persistent_workers=False)
+    return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
+                      pin_memory=torch.cuda.is_available(), generator=generator, persistent_workers=False)
 
 
 # --------------------------------------------------------------------------- NaN guard
@@ -278,12 +274,11 @@ def checkpoint_paths(save_dir: str, session_name: str) -> tuple[str, str]:
 
 def save_checkpoint(path: str, model: nn.Module, optimizer: torch.optim.Optimizer | None, step: int,
                     epoch: int, args: argparse.Namespace | Mapping[str, Any] | None = None,
-                    extra: Mapping[str, Any] | None = None, *, scheduler: Any = None,
-                    scaler: Any = None) -> None:
+                    extra: Mapping[str, Any] | None = None, *, scheduler: Any = None) -> None:
     """Write one checkpoint dict atomically (rank 0 writes; every rank must call it).
 
     Keys: ``model`` (state dict, unwrapped from DDP), ``optimizer``, ``scheduler``,
-    ``scaler`` (None when unused), ``step`` (completed optimiser steps), ``epoch``, ``args``
+    ``step`` (completed optimiser steps), ``epoch``, ``args``
     (plain dict), ``rng`` (rank 0's python/numpy/torch/cuda states), ``rng_by_rank`` (every
     rank's, for a bit-exact distributed resume) and ``extra``.
     """
@@ -293,7 +288,6 @@ def save_checkpoint(path: str, model: nn.Module, optimizer: torch.optim.Optimize
             "model": unwrap_model(model).state_dict(),
             "optimizer": optimizer.state_dict() if optimizer is not None else None,
             "scheduler": scheduler.state_dict() if scheduler is not None else None,
-            "scaler": scaler.state_dict() if scaler is not None else None,
             "step": int(step),
             "epoch": int(epoch),
             "args": config_dict(args) if args is not None else {},
@@ -320,8 +314,8 @@ def read_checkpoint(path: str) -> dict[str, Any]:
 
 
 def load_checkpoint(path: str, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
-                    scheduler: Any = None, scaler: Any = None, restore_rng: bool = True) -> dict[str, Any]:
-    """Restore model (strict), optimiser, scheduler, scaler and this rank's RNG state.
+                    scheduler: Any = None) -> dict[str, Any]:
+    """Restore model (strict), optimiser, scheduler and this rank's RNG state.
 
     Returns the checkpoint dict (``step``, ``epoch``, ``args``, ``extra`` ...).
     """
@@ -330,7 +324,7 @@ def load_checkpoint(path: str, model: nn.Module, optimizer: torch.optim.Optimize
         unwrap_model(model).load_state_dict(state["model"], strict=True)
     except RuntimeError as error:
         raise DataError(f"{path}: weights do not fit the model: {error}") from error
-    for name, target in (("optimizer", optimizer), ("scheduler", scheduler), ("scaler", scaler)):
+    for name, target in (("optimizer", optimizer), ("scheduler", scheduler)):
         if target is None:
             continue
         if state.get(name) is None:
@@ -339,15 +333,14 @@ def load_checkpoint(path: str, model: nn.Module, optimizer: torch.optim.Optimize
             target.load_state_dict(state[name])
         except (ValueError, KeyError, RuntimeError) as error:
             raise DataError(f"{path}: {name} state does not fit: {error}") from error
-    if restore_rng:
-        rank = get_rank()
-        by_rank = state.get("rng_by_rank") or [state["rng"]]
-        if rank < len(by_rank):
-            set_rng_state(by_rank[rank])
-        else:
-            logger.warning("%s: saved with %d process(es); rank %d reuses rank 0's RNG state "
-                           "(the resume is not bit-exact)", path, len(by_rank), rank)
-            set_rng_state(by_rank[0])
+    rank = get_rank()
+    by_rank = state.get("rng_by_rank") or [state["rng"]]
+    if rank < len(by_rank):
+        set_rng_state(by_rank[rank])
+    else:
+        logger.warning("%s: saved with %d process(es); rank %d reuses rank 0's RNG state "
+                       "(the resume is not bit-exact)", path, len(by_rank), rank)
+        set_rng_state(by_rank[0])
     return state
 
 
