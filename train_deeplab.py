@@ -70,9 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.val_every and args.val_list is None:
-        build_parser().error("--val_every needs --val_list")
+        parser.error("--val_every needs --val_list")
     return args
 
 
@@ -120,8 +121,6 @@ def run(args: argparse.Namespace) -> DeepLabV1:
     """Train as the flags say; returns the trained (unwrapped) model."""
     dist = setup_distributed()
     try:
-        if dist.is_main:
-            os.makedirs(args.save_dir, exist_ok=True)
         setup_logging(os.path.join(args.save_dir, f"{args.session_name}.log"), dist.is_main)
         info = get_dataset_info(args.dataset, args.voc12_root)
         train_list = args.train_list or info.list_path("train_aug")
@@ -143,7 +142,6 @@ def run(args: argparse.Namespace) -> DeepLabV1:
         val_log = None
         if dist.is_main and args.val_list:
             val_log = CsvLogger(os.path.join(args.save_dir, f"{args.session_name}_val.csv"), ("step", "miou"))
-        if val_log is not None:
             val_log.drop_rows_after("step", trainer.global_step)
         logger.info("%d training images from %s, labels from %s; %d steps of batch %d (%d per epoch)",
                     len(dataset), train_list, args.pseudo_dir or "the ground truth", args.max_iters,
