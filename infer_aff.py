@@ -31,11 +31,11 @@ from network.weights import load_for_inference
 from tool import transforms as T
 from tool.cli import (add_dataset_args, add_inference_model_args, add_shard_args, non_negative_int, positive_float,
                       positive_int, run_cli, shard_list)
-from tool.contract import image_ids_in
 from tool.crf import SEED_CRF, dense_crf
 from tool.datasets import DatasetInfo, get_dataset_info
 from tool.distributed import DistInfo, cleanup, setup_distributed
-from tool.fileio import DataError, load_score_dict, read_id_list, read_rgb_image, require_files, save_palette_png
+from tool.fileio import (DataError, load_score_dict, pending_ids, read_id_list, read_rgb_image, require_files,
+                         save_palette_png)
 from tool.logs import config_dict, save_config, setup_logging
 from tool.random_walk import (FEATURE_STRIDE, AffinityGraph, padded_size, random_walk, random_walk_labels,
                               rw_scores_from_cam_dict)
@@ -160,8 +160,7 @@ def run(args: argparse.Namespace) -> int:
         info = get_dataset_info(args.dataset, args.voc12_root)
         infer_list = args.infer_list or info.list_path("train")
         ids = shard_list(read_id_list(infer_list), args.shard, dist)
-        done = image_ids_in(args.out_rw, ".png")
-        todo = [image_id for image_id in ids if image_id not in done]
+        todo = pending_ids(ids, lambda image_id: [os.path.join(args.out_rw, f"{image_id}.png")])
         logger.info("%d of %d images to do (%d already done)", len(todo), len(ids), len(ids) - len(todo))
         if not todo:
             return 0

@@ -32,7 +32,7 @@ from tool.contract import HIGH_ALPHA, LOW_ALPHA, crf_dir
 from tool.crf import write_crf_dicts
 from tool.datasets import get_dataset_info
 from tool.distributed import cleanup, setup_distributed
-from tool.fileio import read_id_list, save_npy, save_palette_png, save_rgb_image
+from tool.fileio import pending_ids, read_id_list, save_npy, save_palette_png, save_rgb_image
 from tool.logs import save_config, setup_logging
 from tool.multiscale import forward_views
 from tool.vis import affinity_matrix_picture, cam_overlay, label_overlay, tile_row
@@ -113,8 +113,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         info = get_dataset_info(args.dataset, args.voc12_root)
         infer_list = args.infer_list or info.list_path("train")
         ids = shard_list(read_id_list(infer_list), args.shard, dist)
-        todo = [image_id for image_id in ids
-                if not all(os.path.isfile(path) for path in output_paths(args, image_id))]
+        todo = pending_ids(ids, lambda image_id: output_paths(args, image_id))
         logger.info("%d of %d images to do (%d already done)", len(todo), len(ids), len(ids) - len(todo))
         if not todo:
             return

@@ -40,7 +40,7 @@ from tool.cli import (add_dataset_args, add_inference_model_args, add_shard_args
 from tool.crf import DEEPLAB_TEST_CRF, dense_crf
 from tool.datasets import DatasetInfo, get_dataset_info
 from tool.distributed import barrier, cleanup, setup_distributed
-from tool.fileio import read_id_list, read_rgb_image, save_palette_png
+from tool.fileio import pending_ids, read_id_list, read_rgb_image, save_palette_png
 from tool.logs import setup_logging
 from tool.multiscale import forward_views
 from voc12.data import check_images, collate_single
@@ -173,8 +173,7 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
         info = get_dataset_info(args.dataset, args.voc12_root)
         shard_ids = shard_list(read_id_list(args.infer_list), args.shard, None)
         my_ids = shard_list(shard_ids, None, dist)
-        todo = [image_id for image_id in my_ids
-                if not all(os.path.isfile(path) for path in output_paths(args.out_dir, image_id, args.submission))]
+        todo = pending_ids(my_ids, lambda image_id: output_paths(args.out_dir, image_id, args.submission))
         logger.info("%d images in this part of %s, %d already done", len(my_ids), args.infer_list,
                     len(my_ids) - len(todo))
         if todo:

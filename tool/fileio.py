@@ -11,7 +11,7 @@ import io
 import os
 import pickle
 import tempfile
-from typing import Iterable, Iterator, Mapping
+from typing import Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 from PIL import Image
@@ -151,6 +151,12 @@ def read_id_list(path: str) -> list[str]:
         raise DataError(f"{path}: list is empty")
     # Some VOC lists name files ('/JPEGImages/2007_000032.jpg'): keep the stem.
     return [os.path.splitext(os.path.basename(image_id))[0] for image_id in ids]
+
+
+def pending_ids(image_ids: Iterable[str], outputs_of: Callable[[str], Iterable[str]]) -> list[str]:
+    """The ids, in order, whose output files do not all exist yet: what an inference stage
+    still has to do (outputs are written atomically, so an existing file is a finished one)."""
+    return [image_id for image_id in image_ids if not all(os.path.isfile(path) for path in outputs_of(image_id))]
 
 
 def require_files(paths: Iterable[str], what: str, source: str | None = None) -> None:
