@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Mapping
 
 import numpy as np
 
 from coco14 import layout as coco_layout
-from tool.fileio import DataError, read_id_list
+from tool.fileio import DataError, load_npy_dict, read_id_list
 from voc12 import layout as voc_layout
 
 DATASET_NAMES: tuple[str, ...] = ("voc12", "coco14", "synthetic")
@@ -83,13 +82,7 @@ class DatasetInfo:
         if not os.path.isfile(path):
             raise DataError(f"{path}: image-level labels do not exist; write them with "
                             f"'{self.prepare_command}'")
-        try:
-            loaded = np.load(path, allow_pickle=True)
-            labels = loaded.item() if isinstance(loaded, np.ndarray) and loaded.dtype == object else loaded
-        except (OSError, ValueError, EOFError) as error:
-            raise DataError(f"{path}: cannot read .npy ({error})") from error
-        if not isinstance(labels, Mapping):
-            raise DataError(f"{path}: expected a dict {{image_id: multi-hot}}, got {type(labels).__name__}")
+        labels = load_npy_dict(path, "{image_id: multi-hot}")
         result: dict[str, np.ndarray] = {}
         for image_id, value in labels.items():
             value = np.asarray(value, dtype=np.float32)

@@ -110,6 +110,22 @@ def read_label_png(path: str, expected_hw: tuple[int, int] | None = None) -> np.
     return label.astype(np.uint8, copy=False)
 
 
+def load_npy_dict(path: str, expected: str) -> Mapping:
+    """The dict saved in a ``.npy`` file (SEAM's format for CAM, CRF and label dicts).
+
+    An unreadable file or a content that is not a dict raises DataError; ``expected``
+    describes the dict in that message.
+    """
+    try:
+        loaded = np.load(path, allow_pickle=True)
+        content = loaded.item() if isinstance(loaded, np.ndarray) and loaded.dtype == object else loaded
+    except (OSError, ValueError, EOFError, pickle.UnpicklingError) as error:
+        raise DataError(f"{path}: cannot read .npy ({error})") from error
+    if not isinstance(content, Mapping):
+        raise DataError(f"{path}: expected a dict {expected}, got {type(content).__name__}")
+    return content
+
+
 def load_score_dict(path: str, num_keys: int, one_based: bool = False) -> dict[int, np.ndarray]:
     """Load a CAM dict (0-based keys < num_keys) or CRF dict (keys 0..num_keys, 0 = bg).
 
@@ -118,13 +134,7 @@ def load_score_dict(path: str, num_keys: int, one_based: bool = False) -> dict[i
     """
     if not os.path.isfile(path):
         raise DataError(f"{path}: score dict does not exist")
-    try:
-        loaded = np.load(path, allow_pickle=True)
-        score_dict = loaded.item() if isinstance(loaded, np.ndarray) and loaded.dtype == object else loaded
-    except (OSError, ValueError, EOFError, pickle.UnpicklingError) as error:
-        raise DataError(f"{path}: cannot read .npy ({error})") from error
-    if not isinstance(score_dict, Mapping):
-        raise DataError(f"{path}: expected a dict {{class_index: HxW array}}, got {type(score_dict).__name__}")
+    score_dict = load_npy_dict(path, "{class_index: HxW array}")
     upper = num_keys + 1 if one_based else num_keys
     shapes = set()
     result: dict[int, np.ndarray] = {}
