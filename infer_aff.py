@@ -118,7 +118,7 @@ def crf_labels(walked: torch.Tensor, padded_input: torch.Tensor, image_hw: tuple
     padded_hw = tuple(padded_input.shape[-2:])
     upsampled = F.interpolate(walked[None].float(), size=padded_hw, mode="bilinear", align_corners=False)[0]
     rgb = T.denormalize(padded_input.permute(1, 2, 0).cpu().numpy(), truncate=True)
-    probs = dense_crf(rgb, upsampled.cpu().numpy(), **RW_CRF.as_kwargs())
+    probs = dense_crf(rgb, upsampled.cpu().numpy(), RW_CRF)
     return np.argmax(probs, axis=0)[: image_hw[0], : image_hw[1]].astype(np.uint8)
 
 

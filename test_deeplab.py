@@ -109,7 +109,7 @@ def predict_probabilities(model: torch.nn.Module, views: Sequence[torch.Tensor],
 def label_from_probabilities(image: np.ndarray, probs: np.ndarray, crf: bool) -> np.ndarray:
     """uint8 HxW label map: argmax of ``probs``, after the DeepLab test CRF if ``crf``."""
     if crf:
-        probs = dense_crf(image, probs, **DEEPLAB_TEST_CRF.as_kwargs())
+        probs = dense_crf(image, probs, DEEPLAB_TEST_CRF)
     return np.argmax(probs, axis=0).astype(np.uint8)
 
 

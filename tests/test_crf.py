@@ -37,7 +37,7 @@ def test_dense_crf_shape_dtype_and_normalised(ref):
     assert marginals.shape == probs.shape and marginals.dtype == np.float32
     np.testing.assert_allclose(marginals.sum(0), 1.0, atol=1e-5)
     # Fewer iterations and the DeepLab preset give a different but still normalised result.
-    one_step = dense_crf(ref["image"], probs, **DEEPLAB_TEST_CRF.as_kwargs())
+    one_step = dense_crf(ref["image"], probs, DEEPLAB_TEST_CRF)
     np.testing.assert_allclose(one_step.sum(0), 1.0, atol=1e-5)
     assert np.abs(one_step - marginals).max() > 1e-3
 

@@ -20,7 +20,7 @@ from tool.fileio import save_npy
 
 @dataclasses.dataclass(frozen=True)
 class CrfParams:
-    """Dense CRF settings; pass as ``dense_crf(image, probs, **params.as_kwargs())``."""
+    """Dense CRF settings: ``dense_crf(image, probs, params)``."""
 
     iterations: int = 10
     gauss_sxy: float = 3
@@ -50,9 +50,7 @@ def _import_pydensecrf():
     return densecrf, unary_from_softmax
 
 
-def dense_crf(image: np.ndarray, probs: np.ndarray, iterations: int = 10, gauss_sxy: float = 3,
-              gauss_compat: float = 3, bilateral_sxy: float = 80, bilateral_srgb: float = 13,
-              bilateral_compat: float = 10) -> np.ndarray:
+def dense_crf(image: np.ndarray, probs: np.ndarray, params: CrfParams = SEED_CRF) -> np.ndarray:
     """Mean-field dense CRF marginals (K, H, W) float32 for an HxWx3 uint8 RGB image.
 
     ``probs`` (K, H, W) need not sum to 1: as in the reference, they are clipped to
@@ -66,11 +64,11 @@ def dense_crf(image: np.ndarray, probs: np.ndarray, iterations: int = 10, gauss_
         raise ValueError(f"probs are {height}x{width} but the image is {image.shape[0]}x{image.shape[1]}")
     crf = densecrf.DenseCRF2D(width, height, num_labels)
     crf.setUnaryEnergy(np.ascontiguousarray(unary_from_softmax(probs)))
-    crf.addPairwiseGaussian(sxy=gauss_sxy, compat=gauss_compat)
+    crf.addPairwiseGaussian(sxy=params.gauss_sxy, compat=params.gauss_compat)
     # pydensecrf needs a writable C-contiguous buffer (np.asarray of a PIL image is read-only).
-    crf.addPairwiseBilateral(sxy=bilateral_sxy, srgb=bilateral_srgb,
-                             rgbim=np.array(image, order="C"), compat=bilateral_compat)
-    marginals = crf.inference(iterations)
+    crf.addPairwiseBilateral(sxy=params.bilateral_sxy, srgb=params.bilateral_srgb,
+                             rgbim=np.array(image, order="C"), compat=params.bilateral_compat)
+    marginals = crf.inference(params.iterations)
     return np.asarray(marginals, dtype=np.float32).reshape((num_labels, height, width))
 
 
@@ -84,7 +82,7 @@ def crf_with_alpha(image: np.ndarray, cam_dict: Mapping[int, np.ndarray], alpha:
     keys, probs = scores_with_background(cam_dict, alpha, image_hw=image.shape[:2])
     if not keys:
         return {0: probs[0]}
-    marginals = dense_crf(image, probs, **params.as_kwargs())
+    marginals = dense_crf(image, probs, params)
     crf_dict = {0: marginals[0]}
     crf_dict.update({key + 1: marginals[index + 1] for index, key in enumerate(keys)})
     return crf_dict
