@@ -61,7 +61,3 @@ def split_of_id(image_id: str) -> str:
 
 def image_path(root: str, image_id: str) -> str:
     return os.path.join(root, split_of_id(image_id), image_id + IMAGE_SUFFIX)
-
-
-def gt_path(root: str, image_id: str) -> str:
-    return os.path.join(root, LABEL_DIR, image_id + ".png")

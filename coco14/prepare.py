@@ -29,20 +29,21 @@ def prepare_coco(info: DatasetInfo, workers: int = 1) -> dict[str, list[str]]:
     labelled_ids = sorted(image_ids_in(label_folder, ".png"))
     if not labelled_ids:
         raise DataError(f"{label_folder}: no label PNG found")
+    split_ids: dict[str, list[str]] = {"train": [], "val": []}
+    usable, missing = [], []
     for image_id in labelled_ids:
         try:
-            split_of_id(image_id)
+            split = split_of_id(image_id)
         except DataError as error:
             raise DataError(f"{os.path.join(label_folder, image_id + '.png')}: {error}") from None
-    usable = [image_id for image_id in labelled_ids if os.path.isfile(info.image_path(image_id))]
-    without_image = len(labelled_ids) - len(usable)
-    if without_image:
-        missing = [image_id for image_id in labelled_ids if not os.path.isfile(info.image_path(image_id))]
-        LOGGER.warning("%d label PNGs in %s have no image and are left out: %s%s", without_image,
-                       label_folder, ", ".join(missing[:10]), " ..." if without_image > 10 else "")
-    split_ids: dict[str, list[str]] = {"train": [], "val": []}
-    for image_id in usable:
-        split_ids[_LIST_OF_SPLIT[split_of_id(image_id)]].append(image_id)
+        if os.path.isfile(info.image_path(image_id)):
+            usable.append(image_id)
+            split_ids[_LIST_OF_SPLIT[split]].append(image_id)
+        else:
+            missing.append(image_id)
+    if missing:
+        LOGGER.warning("%d label PNGs in %s have no image and are left out: %s%s", len(missing),
+                       label_folder, ", ".join(missing[:10]), " ..." if len(missing) > 10 else "")
     return write_prepared_dataset(info, split_ids, usable, training_splits=("train",), workers=workers)
 
 
