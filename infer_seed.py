@@ -26,8 +26,8 @@ from tqdm import tqdm
 from network.avc import AVCNet
 from network.weights import load_for_inference
 from tool.cam import cam_dict_from, fuse_cams, seed_from_cam_dict
-from tool.cli import (add_dataset_args, add_inference_model_args, add_shard_args, non_negative_int, run_cli,
-                      shard_list)
+from tool.cli import (add_dataset_args, add_inference_model_args, add_shard_args, non_negative_int,
+                      positive_float, run_cli, shard_list)
 from tool.contract import HIGH_ALPHA, LOW_ALPHA, crf_dir
 from tool.crf import write_crf_dicts
 from tool.datasets import get_dataset_info
@@ -48,7 +48,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--weights", required=True, help="trained AVC/SEAM classifier (.pth)")
     add_inference_model_args(parser)
     parser.add_argument("--infer_list", default=None, help="image ids (default: <root>/train.txt)")
-    parser.add_argument("--scales", type=float, nargs="+", default=(0.5, 1.0, 1.5, 2.0))
+    parser.add_argument("--scales", type=positive_float, nargs="+", default=(0.5, 1.0, 1.5, 2.0))
     parser.add_argument("--out_cam", default=None, help="folder for the CAM dicts (.npy)")
     parser.add_argument("--out_cam_pred", default=None, help="folder for the seed PNGs")
     parser.add_argument("--out_cam_pred_alpha", type=float, default=0.26,

@@ -26,9 +26,10 @@ from typing import Sequence
 from tqdm import tqdm
 
 from tool.cam import SEAM_SEED_BG_THRESHOLD, alpha_for_threshold
+from tool.cli import add_dataset_args
 from tool.contract import image_ids_in
 from tool.crf import SEED_CRF, CrfParams, crf_label
-from tool.datasets import DATASET_NAMES, DatasetInfo, get_dataset_info
+from tool.datasets import DatasetInfo, get_dataset_info
 from tool.fileio import DataError, load_score_dict, read_id_list, read_rgb_image, require_files, save_palette_png
 from tool.logs import config_dict, setup_logging
 
@@ -83,8 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--cam_dir", required=True, help="folder of CAM dicts <id>.npy")
     parser.add_argument("--out_dir", required=True, help="folder for the pseudo-mask PNGs")
-    parser.add_argument("--voc12_root", required=True, help="dataset root")
-    parser.add_argument("--dataset", choices=DATASET_NAMES, default="voc12", help="dataset layout")
+    add_dataset_args(parser)
     parser.add_argument("--list", "--infer_list", dest="list", default=None,
                         help="image id list; none: the dataset's train list")
     parser.add_argument("--bg_threshold", type=float, default=SEAM_SEED_BG_THRESHOLD,

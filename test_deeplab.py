@@ -35,8 +35,8 @@ import evaluation
 from network.deeplab import DeepLabV1
 from network.weights import load_for_inference
 from tool import transforms as T
-from tool.cli import (add_dataset_args, add_inference_model_args, add_shard_args, non_negative_int, run_cli,
-                      shard_list)
+from tool.cli import (add_dataset_args, add_inference_model_args, add_shard_args, non_negative_int,
+                      positive_float, run_cli, shard_list)
 from tool.crf import DEEPLAB_TEST_CRF, dense_crf
 from tool.datasets import DatasetInfo, get_dataset_info
 from tool.distributed import barrier, cleanup, setup_distributed
@@ -130,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--weights", required=True, metavar="PATH", help="trained DeepLabV1 checkpoint (.pth)")
     parser.add_argument("--infer_list", required=True, metavar="FILE", help="ids of the images to segment")
     parser.add_argument("--out_dir", required=True, metavar="DIR", help="folder for the <id>.png predictions")
-    parser.add_argument("--scales", type=float, nargs="+", default=list(DEFAULT_SCALES),
+    parser.add_argument("--scales", type=positive_float, nargs="+", default=list(DEFAULT_SCALES),
                         help=f"test scales (default {' '.join(map(str, DEFAULT_SCALES))})")
     parser.add_argument("--flip", action=argparse.BooleanOptionalAction, default=True,
                         help="also run the mirrored image at every scale (default on)")
@@ -146,10 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    args = build_parser().parse_args(argv)
-    if any(scale <= 0 for scale in args.scales):
-        build_parser().error(f"--scales must be positive, got {args.scales}")
-    return args
+    return build_parser().parse_args(argv)
 
 
 def evaluate_if_possible(args: argparse.Namespace, info: DatasetInfo, ids: Sequence[str]) -> dict[str, Any] | None:
