@@ -29,7 +29,7 @@ from tqdm import tqdm
 from tool.cli import run_cli
 from tool.fileio import (DataError, atomic_write_bytes, atomic_write_text, load_score_dict,
                          read_id_list, read_label_png, require_files)
-from tool.metrics import ABSENT_HELP, ABSENT_MODES, ConfusionMatrix, CurveConfusion
+from tool.metrics import ABSENT_HELP, ABSENT_MODES, ConfusionMatrix, CurveConfusion, check_absent
 
 DEFAULT_THRESHOLD = 0.26   # SEAM's background score for CAM dicts
 CURVE_THRESHOLDS = tuple(index / 100.0 for index in range(60))   # SEAM's --curve: 0.00..0.59
@@ -134,8 +134,7 @@ def evaluate(predict_dir: str, gt_dir: str, image_ids: Sequence[str], class_name
     ``num_images``, ``input_type`` and ``threshold`` (None for png).
     Raises DataError for missing/unreadable files, size mismatches and bad CAM keys.
     """
-    if absent not in ABSENT_MODES:
-        raise ValueError(f"absent must be one of {ABSENT_MODES}, got {absent!r}")
+    check_absent(absent)
     image_ids = list(image_ids)
     _check_inputs(predict_dir, gt_dir, image_ids, input_type)
     num_classes = len(class_names)
@@ -160,8 +159,7 @@ def evaluate_curve(predict_dir: str, gt_dir: str, image_ids: Sequence[str], clas
     Returns :meth:`CurveConfusion.results` (``thresholds``, ``miou``, ``miou_percent``,
     ``best_index``, ``best_threshold``, ``best_miou``, ``per_threshold`` results) plus ``num_images``.
     """
-    if absent not in ABSENT_MODES:
-        raise ValueError(f"absent must be one of {ABSENT_MODES}, got {absent!r}")
+    check_absent(absent)
     image_ids = list(image_ids)
     _check_inputs(predict_dir, gt_dir, image_ids, "npy")
     curve = CurveConfusion(len(class_names), thresholds)

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import pickle
 import tempfile
-from typing import Callable, Iterable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 from PIL import Image
@@ -161,6 +162,14 @@ def read_id_list(path: str) -> list[str]:
         raise DataError(f"{path}: list is empty")
     # Some VOC lists name files ('/JPEGImages/2007_000032.jpg'): keep the stem.
     return [os.path.splitext(os.path.basename(image_id))[0] for image_id in ids]
+
+
+def read_json_if_present(path: str) -> Any | None:
+    """The JSON content of ``path``, or None when the file does not exist (yet)."""
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle)
 
 
 def pending_ids(image_ids: Iterable[str], outputs_of: Callable[[str], Iterable[str]]) -> list[str]:

@@ -38,7 +38,8 @@ ABSENT_HELP = ("A class absent from both prediction and ground truth has IoU 0: 
                "all classes; with 'ignore' it is left out of the mean (reported as nan).")
 
 
-def _check_absent(absent: str) -> None:
+def check_absent(absent: str) -> None:
+    """Refuse an ``absent`` mode outside ``ABSENT_MODES``."""
     if absent not in ABSENT_MODES:
         raise ValueError(f"absent must be one of {ABSENT_MODES}, got {absent!r}")
 
@@ -60,7 +61,7 @@ def scores_from_counts(counts: np.ndarray, absent: str = "zero") -> dict[str, np
     ``iou``, ``fp_ratio``, ``fn_ratio`` of shape ``(..., n)``, ``miou`` of shape ``(...)``,
     the int64 ``true_positives``, ``predicted``, ``target`` and the bool ``present``.
     """
-    _check_absent(absent)
+    check_absent(absent)
     true_positives, predicted, target = class_counts(counts)
     # Integer union first, then + epsilon in float64: the same operations as SEAM's Python ints.
     union = (target + predicted - true_positives) + IOU_EPSILON

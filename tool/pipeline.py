@@ -19,7 +19,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from tool.cam import alpha_for_threshold
 from tool.contract import HIGH_ALPHA, LOW_ALPHA, crf_dir
-from tool.fileio import DataError, atomic_write_text, read_id_list
+from tool.fileio import DataError, atomic_write_text, read_id_list, read_json_if_present
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -299,11 +299,8 @@ def marker_path(ctx: Context, stage: Stage) -> str:
 
 
 def stage_done(ctx: Context, stage: Stage) -> dict[str, Any] | None:
-    path = marker_path(ctx, stage)
-    if not os.path.isfile(path):
-        return None
-    with open(path, encoding="utf-8") as handle:
-        return json.load(handle)
+    """The stage's marker (command, seconds, time), or None if it has not finished."""
+    return read_json_if_present(marker_path(ctx, stage))
 
 
 def clear_outputs(stage: Stage) -> None:

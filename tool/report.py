@@ -17,7 +17,8 @@ import numpy as np
 
 from tool.cam import seed_from_cam_dict
 from tool.datasets import DatasetInfo
-from tool.fileio import atomic_write_text, load_score_dict, read_label_png, read_rgb_image, save_rgb_image
+from tool.fileio import (atomic_write_text, load_score_dict, read_json_if_present, read_label_png, read_rgb_image,
+                         save_rgb_image)
 from tool.metrics import ConfusionMatrix
 from tool.vis import cam_overlay, label_overlay
 
@@ -25,13 +26,6 @@ from tool.vis import cam_overlay, label_overlay
 TABLE_ROWS = (("Seed", "seed", "train"), ("+CRF", "crf", "train"),
               ("Mask (random walk)", "rw", "train"), ("DeepLabV1", "deeplab", "val"))
 PAGE_COLUMNS = ("image", "ground truth", "CAM", "seed", "CRF", "random walk", "DeepLab")
-
-
-def _read_json(path: str) -> dict[str, Any] | None:
-    if not os.path.isfile(path):
-        return None
-    with open(path, encoding="utf-8") as handle:
-        return json.load(handle)
 
 
 def machine_description() -> str:
@@ -46,12 +40,12 @@ def collect_results(eval_dir: str, seed_curve_json: str, stage_markers: Sequence
                     profile_name: str, eval_split_names: Mapping[str, str]) -> dict[str, Any]:
     """One dict with the table rows, the best seed threshold, stage times, date and machine."""
     rows = []
-    curve = _read_json(seed_curve_json)
+    curve = read_json_if_present(seed_curve_json)
     for label, name, split in TABLE_ROWS:
         if name == "seed" and curve is not None:
             miou, threshold = curve["miou_percent"][curve["best_index"]], curve["best_threshold"]
         else:
-            results = _read_json(os.path.join(eval_dir, f"{name}.json"))
+            results = read_json_if_present(os.path.join(eval_dir, f"{name}.json"))
             miou, threshold = (results["miou_percent"] if results else None), None
         rows.append({"row": label, "split": eval_split_names.get(split, split), "miou": miou,
                      "bg_threshold": threshold})
