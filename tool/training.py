@@ -116,9 +116,7 @@ class PolyLR(torch.optim.lr_scheduler.LRScheduler):
 
     def __init__(self, optimizer: torch.optim.Optimizer, max_step: int, power: float = 0.9,
                  last_epoch: int = -1) -> None:
-        if max_step <= 0:
-            raise ValueError(f"max_step must be positive, got {max_step}")
-        self.max_step = max_step
+        self.max_step = max_step  # poly_factor refuses max_step <= 0 at the first get_lr below
         self.power = power
         super().__init__(optimizer, last_epoch)
 

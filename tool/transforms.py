@@ -79,7 +79,7 @@ def random_rescale(image: np.ndarray, rng: np.random.Generator, scale_range: tup
     """Rescale both sides by one factor drawn uniformly from ``scale_range`` (DeepLab: 0.5..1.5)."""
     scale = float(rng.uniform(scale_range[0], scale_range[1]))
     height, width = image.shape[:2]
-    size = (max(1, int(round(width * scale))), max(1, int(round(height * scale))))
+    size = scaled_size(height, width, scale)
     return resize_joint(image, size, label, resample)
 
 
