@@ -19,7 +19,7 @@ from tool.random_walk import AffinityGraph
 from tool.training import read_checkpoint
 from tests.helpers_resume import assert_resume_is_bit_exact, log_rows
 from tests.helpers_torchrun import assert_ranks_agree_with_checkpoint, train_on_two_ranks
-from tests.reference_data import load_reference
+from tests.reference_data import load_reference, reference_cam_dict, reference_graph
 
 HEIGHT, WIDTH = 56, 60          # width not a multiple of 8: infer_aff pads to 56 x 64 (7 x 8 grid)
 CROP = 56                       # 7 x 7 label grid: SEAM's rule gives radius 3
@@ -155,10 +155,10 @@ def test_rw_label_reproduces_the_reference_script():
     class ReferenceAffinities:
         def affinity_graph(self, x: torch.Tensor) -> AffinityGraph:
             assert tuple(x.shape) == (1, 3, 96, 120)
-            return AffinityGraph.from_pairs(torch.from_numpy(common["aff_pairs"][0]), 5, (12, 15))
+            return reference_graph()
 
     item = {"id": "ref", "image": common["image"], "input": torch.zeros(3, 96, 120), "cam_path": "ref.npy",
-            "cam_dict": {int(k): v for k, v in zip(common["cam_keys"], common["cam_values"])}}
+            "cam_dict": reference_cam_dict()}
     args = argparse.Namespace(alpha=float(expected["alpha"]), beta=float(expected["beta"]),
                               logt=int(expected["logt"]), crf=False)
     label = infer_aff.rw_label(ReferenceAffinities(), item, 20, args, torch.device("cpu"))

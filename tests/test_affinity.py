@@ -13,7 +13,7 @@ from tool.affinity import (affinity_pair_labels, affinity_radius, fuse_crf_label
 from tool.datasets import DatasetInfo
 from tool.fileio import DataError, save_npy, save_rgb_image
 from voc12.affinity_dataset import AffinityDataset, affinity_labels_from_crop, crf_score_stack
-from tests.reference_data import load_reference, reference_keys
+from tests.reference_data import load_reference, portable_state_dict, reference_keys
 
 reference = load_reference
 
@@ -163,7 +163,6 @@ def test_affinity_net_keys_match_released_checkpoints():
 
 
 def test_affinity_net_portable_forward_matches_reference():
-    from tests.test_resnet38 import portable_state_dict
     from bench.dense_rw_baseline import dense_affinity
     data = reference("aff_forward_portable.npz")
     net = AffinityNet().eval()

@@ -15,8 +15,7 @@ from network.avc import (AVCNet, adaptive_min_pooling_loss, affinity_cross_view_
                          equivariant_cross_regularization, equivariant_regularization,
                          max_norm, max_onehot, normalize_cam_for_pcm, normalized_affinity, pcm,
                          with_background)
-from tests.reference_data import load_reference, reference_keys
-from tests.test_resnet38 import portable_state_dict
+from tests.reference_data import load_reference, portable_state_dict, reference_keys
 
 
 class Constant(nn.Module):

@@ -6,7 +6,7 @@ import torch
 
 from bench.dense_rw_baseline import dense_affinity, dense_random_walk, dense_transition
 from network.affinity import pair_affinities
-from tests.reference_data import load_reference
+from tests.reference_data import load_reference, reference_cam_dict, reference_graph
 from tool.fileio import DataError
 from tool.random_walk import (AffinityGraph, chebyshev_power_coefficients, propagate, random_walk,
                               random_walk_cam_dict, random_walk_labels, rw_scores_from_cam_dict, walk_operator)
@@ -15,16 +15,6 @@ RW_CASES = ["rw_a6_t8", "rw_a6_t6", "rw_a24_t8", "rw_a24_t6"]
 
 
 reference = load_reference
-
-
-def reference_graph() -> AffinityGraph:
-    common = reference("rw_common.npz")
-    return AffinityGraph.from_pairs(torch.from_numpy(common["aff_pairs"][0]), 5, (12, 15))
-
-
-def reference_cam_dict() -> dict:
-    common = reference("rw_common.npz")
-    return {int(k): v for k, v in zip(common["cam_keys"], common["cam_values"])}
 
 
 def random_graph(radius: int, h: int, w: int, seed: int) -> AffinityGraph:

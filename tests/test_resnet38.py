@@ -1,40 +1,12 @@
 """ResNet38 backbone: key names, shapes and forward against the SEAM/PSA reference vectors."""
 from __future__ import annotations
 
-import zlib
-from typing import Dict, Mapping
-
 import numpy as np
 import pytest
 import torch
 
 from network.resnet38 import FrozenBatchNorm2d, ResNet38
-from tests.reference_data import load_reference, reference_keys
-
-
-
-def portable_value(name: str, shape: tuple) -> np.ndarray:
-    """The reference README's framework-independent fill rule for one state-dict entry."""
-    if name.endswith("num_batches_tracked"):
-        return np.array(0, dtype=np.int64)
-    rng = np.random.default_rng(zlib.crc32(name.encode("utf-8")))
-    if len(shape) == 4:
-        value = rng.standard_normal(shape) * np.sqrt(1.0 / float(np.prod(shape[1:])))
-    elif name.endswith("running_mean"):
-        value = rng.uniform(-0.2, 0.2, shape)
-    elif name.endswith("running_var"):
-        value = rng.uniform(0.5, 2.0, shape)
-    elif name.endswith("weight"):
-        value = rng.uniform(0.5, 1.5, shape)
-    elif name.endswith("bias"):
-        value = rng.uniform(-0.2, 0.2, shape)
-    else:
-        raise KeyError(f"no portable rule for {name}")
-    return value.astype(np.float32)
-
-
-def portable_state_dict(state: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    return {k: torch.from_numpy(portable_value(k, tuple(v.shape))) for k, v in state.items()}
+from tests.reference_data import load_reference, portable_state_dict, reference_keys
 
 
 @pytest.fixture(scope="module")
