@@ -53,6 +53,18 @@ SUBMISSION_SUBDIR = os.path.join("results", "VOC2012", "Segmentation", "comp6_te
 
 
 # --------------------------------------------------------------------------- views
+def multiscale_views(image: np.ndarray, scales: Sequence[float], flip: bool) -> list[torch.Tensor]:
+    """One (2 or 1, 3, h, w) tensor per scale of an HxWx3 uint8 image: normalised, resized, and
+    with its horizontal flip when ``flip``, the layout ``tool.multiscale.forward_views`` takes."""
+    normalized = T.normalize(image)
+    views = []
+    for scale in scales:
+        view = T.hwc_to_chw(scaled_view(normalized, scale))
+        stacked = np.stack([view, view[:, :, ::-1]]) if flip else view[None]
+        views.append(torch.from_numpy(np.ascontiguousarray(stacked)))
+    return views
+
+
 def scaled_view(normalized: np.ndarray, scale: float) -> np.ndarray:
     """The normalised HxWx3 float32 image resized by ``scale`` with OpenCV bicubic (the reference)."""
     if scale == 1.0:
@@ -84,13 +96,7 @@ class DeepLabTestDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         image_id = self.ids[index]
         image = read_rgb_image(self.info.image_path(image_id))
-        normalized = T.normalize(image)
-        views = []
-        for scale in self.scales:
-            view = T.hwc_to_chw(scaled_view(normalized, scale))
-            stacked = np.stack([view, view[:, :, ::-1]]) if self.flip else view[None]
-            views.append(torch.from_numpy(np.ascontiguousarray(stacked)))
-        return {"id": image_id, "image": image, "views": views}
+        return {"id": image_id, "image": image, "views": multiscale_views(image, self.scales, self.flip)}
 
 
 # --------------------------------------------------------------------------- prediction

@@ -18,19 +18,13 @@ import numpy as np
 import torch
 
 from network.deeplab import DeepLabV1
-from test_deeplab import DEFAULT_SCALES, fuse_view_logits, scaled_view
-from tool import transforms as T
+from test_deeplab import DEFAULT_SCALES, fuse_view_logits, multiscale_views
 from tool.multiscale import forward_views, forward_views_unbatched
 
 
 def make_views(rng: np.random.Generator, height: int, width: int, scales: Sequence[float]) -> list[torch.Tensor]:
     """Views of one random image, built as test_deeplab.DeepLabTestDataset builds them (with flip)."""
-    normalized = T.normalize(rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8))
-    views = []
-    for scale in scales:
-        view = T.hwc_to_chw(scaled_view(normalized, scale))
-        views.append(torch.from_numpy(np.ascontiguousarray(np.stack([view, view[:, :, ::-1]]))))
-    return views
+    return multiscale_views(rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8), scales, flip=True)
 
 
 def time_images(run_one: Callable[[list[torch.Tensor]], torch.Tensor], images: list[list[torch.Tensor]],
