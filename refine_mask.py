@@ -20,13 +20,12 @@ import functools
 import logging
 import multiprocessing
 import os
-import sys
 from typing import Sequence
 
 from tqdm import tqdm
 
 from tool.cam import SEAM_SEED_BG_THRESHOLD, alpha_for_threshold
-from tool.cli import add_dataset_args
+from tool.cli import add_dataset_args, run_cli
 from tool.contract import image_ids_in
 from tool.crf import SEED_CRF, CrfParams, crf_label
 from tool.datasets import DatasetInfo, get_dataset_info
@@ -151,11 +150,8 @@ def run(args: argparse.Namespace) -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     setup_logging()
-    try:
-        run(args)
-    except DataError as error:
-        sys.exit(f"refine_mask.py: error: {error}")
+    run(args)
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)
