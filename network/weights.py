@@ -1,13 +1,15 @@
 """All weight loading: MXNet ``.params`` (read without MXNet), PSA/SEAM ``.pth``, our checkpoints.
 
-Two entry points:
+Entry points:
 
 * :func:`load_pretrained_backbone` - initialise the ResNet38 backbone of a model from the
   ImageNet MXNet file or any ``.pth`` that holds the backbone; every backbone tensor must
   be present with the right shape, heads stay as initialised.
-* :func:`load_trained` - strict load of a whole trained model (ours, PSA's, SEAM's).
+* :func:`load_trained` - strict load of a whole trained model (ours, PSA's, SEAM's);
+  :func:`load_for_inference` builds the model at the checkpoint's width and does the same.
+* :func:`start_from_weights` - how the training scripts start (pretrained backbone, frozen).
 
-Neither ever loads with ``strict=False`` silently: a missing key or a shape conflict raises
+None ever loads with ``strict=False`` silently: a missing key or a shape conflict raises
 :class:`tool.fileio.DataError` naming the file and the keys.
 """
 from __future__ import annotations
@@ -361,18 +363,6 @@ def start_from_weights(model: nn.Module, weights: str | None) -> LoadReport | No
     report = load_pretrained_backbone(model, weights)
     _find_backbone(model)[1].freeze_pretrained()
     return report
-
-
-def saved_model_args(path: str) -> Dict[str, object]:
-    """The training flags stored in one of our checkpoints (``{}`` for PSA/SEAM/MXNet files).
-
-    Inference uses them for settings the weights imply, such as ``width_mult``.
-    """
-    if not os.path.isfile(path):
-        raise DataError(f"{path}: weight file not found")
-    if path.endswith(".params"):
-        return {}
-    return _saved_args(_torch_load(path))
 
 
 def load_for_inference(build: Callable[[float], nn.Module], weights: str, width_mult: float | None,
