@@ -16,6 +16,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from network.layers import FrozenBatchNorm2d, replace_batchnorms, scaled_channels
+
 # Top-level modules that make up the backbone; heads of subclasses are everything else.
 BACKBONE_MODULES: Tuple[str, ...] = (
     "conv1a",
@@ -27,51 +29,6 @@ BACKBONE_MODULES: Tuple[str, ...] = (
 )
 # Not trained when fine-tuning from pretrained weights (SEAM/PSA freeze these too).
 PRETRAINED_FROZEN_MODULES: Tuple[str, ...] = ("conv1a", "b2", "b2_1", "b2_2")
-
-
-class FrozenBatchNorm2d(nn.Module):
-    """BatchNorm2d that always normalises with its running statistics and never learns.
-
-    Keeps the parameter/buffer names of ``nn.BatchNorm2d`` (``weight``, ``bias``,
-    ``running_mean``, ``running_var``, ``num_batches_tracked``), so state-dict keys do not
-    change. Deliberately not a ``_BatchNorm`` subclass: ``SyncBatchNorm`` conversion and
-    ``model.train()`` leave it frozen.
-    """
-
-    def __init__(self, num_features: int, eps: float = 1e-5) -> None:
-        super().__init__()
-        self.num_features = num_features
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(num_features), requires_grad=False)
-        self.bias = nn.Parameter(torch.zeros(num_features), requires_grad=False)
-        self.register_buffer("running_mean", torch.zeros(num_features))
-        self.register_buffer("running_var", torch.ones(num_features))
-        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
-
-    @classmethod
-    def from_batchnorm(cls, bn: nn.BatchNorm2d) -> "FrozenBatchNorm2d":
-        frozen = cls(bn.num_features, bn.eps)
-        with torch.no_grad():
-            frozen.weight.copy_(bn.weight)
-            frozen.bias.copy_(bn.bias)
-            frozen.running_mean.copy_(bn.running_mean)
-            frozen.running_var.copy_(bn.running_var)
-            frozen.num_batches_tracked.copy_(bn.num_batches_tracked)
-        return frozen.to(bn.weight.device)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
-                            training=False, momentum=0.0, eps=self.eps)
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict,
-                              missing_keys, unexpected_keys, error_msgs):
-        # Files written before torch 0.4.1 have no num_batches_tracked (as nn.BatchNorm2d).
-        state_dict.setdefault(prefix + "num_batches_tracked", torch.tensor(0, dtype=torch.long))
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict,
-                                      missing_keys, unexpected_keys, error_msgs)
-
-    def extra_repr(self) -> str:
-        return f"{self.num_features}, eps={self.eps}"
 
 
 class ResBlock(nn.Module):
@@ -134,11 +91,6 @@ class ResBlockBottleneck(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_with_bn_relu(x)[0]
-
-
-def scaled_channels(channels: int, width_mult: float) -> int:
-    """Channel count of the full model scaled by ``width_mult``; at least 8."""
-    return max(8, int(round(channels * width_mult)))
 
 
 class ResNet38(nn.Module):
@@ -216,17 +168,8 @@ class ResNet38(nn.Module):
         after loading weights). Heads of subclasses are untouched.
         """
         for top_name in BACKBONE_MODULES:
-            _replace_batchnorms(getattr(self, top_name), self, top_name)
+            replace_batchnorms(getattr(self, top_name), self, top_name)
         for top_name in PRETRAINED_FROZEN_MODULES:
             for parameter in getattr(self, top_name).parameters():
                 parameter.requires_grad_(False)
         return self
-
-
-def _replace_batchnorms(module: nn.Module, parent: nn.Module, name: str) -> None:
-    """Swap ``module`` (child ``name`` of ``parent``) and its BatchNorm descendants for frozen ones."""
-    if isinstance(module, nn.BatchNorm2d):
-        setattr(parent, name, FrozenBatchNorm2d.from_batchnorm(module))
-        return
-    for child_name, child in list(module.named_children()):
-        _replace_batchnorms(child, module, child_name)

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from network.resnet import ResNet
 from network.resnet38 import ResNet38
 from tool.fileio import DataError
 from tool.training import unwrap_model
@@ -248,12 +249,13 @@ class LoadReport(NamedTuple):
     unused_keys: List[str]   # file keys that were not used
 
 
-def _find_backbone(model: nn.Module) -> Tuple[str, ResNet38]:
-    """The ResNet38 inside ``model`` and its state-dict prefix ('' when model is one)."""
+def _find_backbone(model: nn.Module) -> Tuple[str, nn.Module]:
+    """The backbone (ResNet38 or ResNet) inside ``model`` and its state-dict prefix ('' when
+    model is one)."""
     for name, module in model.named_modules():
-        if isinstance(module, ResNet38):
+        if isinstance(module, (ResNet38, ResNet)):
             return (name + "." if name else ""), module
-    raise TypeError(f"{type(model).__name__} contains no ResNet38 backbone")
+    raise TypeError(f"{type(model).__name__} contains no backbone of network.backbones")
 
 
 def _format_keys(keys: List[str], limit: int = 12) -> str:
@@ -293,7 +295,7 @@ def load_pretrained_backbone(model: nn.Module, path: str) -> LoadReport:
         values[model_key] = value
         used_file_keys.add(file_key)
     if missing or conflicts:
-        message = [f"{path}: cannot initialise the ResNet38 backbone of {type(model).__name__}"]
+        message = [f"{path}: cannot initialise the {type(backbone).__name__} backbone of {type(model).__name__}"]
         if missing:
             message.append(f"missing backbone keys ({len(missing)}): {_format_keys(missing)}")
         if conflicts:
