@@ -199,7 +199,10 @@ def _torch_load(path: str):
             head = handle.read(8)
         if len(head) == 8 and struct.unpack("<Q", head)[0] == _LIST_MAGIC:
             return mxnet_to_resnet38(read_mxnet_params(path))
-        if isinstance(error, pickle.UnpicklingError) and "weights only load failed" in str(error).lower():
+        # A torch file is a zip archive (torch >= 1.6) or a pickle (protocol 2+ starts with 0x80).
+        looks_like_torch = head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"
+        if (looks_like_torch and isinstance(error, pickle.UnpicklingError)
+                and "weights only load failed" in str(error).lower()):
             raise DataError(f"{path}: a torch file holding objects other than tensors and plain types; refused "
                             f"(only weights are loaded, never pickled code)") from error
         raise DataError(f"{path}: neither a torch checkpoint (.pth) nor an MXNet .params file") from error
