@@ -26,6 +26,7 @@ from tool.logs import config_dict
 RUN_ONLY_FLAGS = frozenset({
     "num_workers", "shard", "log_dir", "device", "overwrite", "infer_list", "list", "comment",
     "out_cam", "out_cam_pred", "out_crf", "out_vis", "out_rw", "out_dir", "out_json", "logfile",
+    "submission",  # which copies are written, not what they hold
 })
 # Files identified by their content, so a retrained checkpoint at the same path is another input.
 CONTENT_FLAGS = ("weights",)
@@ -82,7 +83,11 @@ class OutputRecord:
         self.script, self.outputs_of = script, outputs_of
         self.overwrite = bool(getattr(args, "overwrite", False))
         self.settings = output_settings(args)
-        self.folders = sorted({os.path.dirname(path) or os.curdir for path in outputs_of("_probe_")})
+        folders = {os.path.dirname(path) or os.curdir for path in outputs_of("_probe_")}
+        # A folder inside another output folder (test_deeplab's submission copy) is covered by
+        # the outer folder's record and keeps only its outputs.
+        self.folders = sorted(folder for folder in folders if not any(
+            folder != outer and folder.startswith(outer.rstrip(os.sep) + os.sep) for outer in folders))
         if not self.overwrite:
             for folder in self.folders:
                 self._check(folder)
