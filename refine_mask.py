@@ -28,8 +28,8 @@ from tool.cam import SEAM_SEED_BG_THRESHOLD, alpha_for_threshold
 from tool.cli import add_dataset_args, add_overwrite_arg, run_cli
 from tool.crf import SEED_CRF, CrfParams, crf_label
 from tool.datasets import DatasetInfo, get_dataset_info
-from tool.fileio import (DataError, load_score_dict, pending_ids, read_id_list, read_rgb_image, require_files,
-                         save_palette_png)
+from tool.fileio import (IMAGE_CHECK_CACHE, DataError, check_images_decode, load_score_dict, pending_ids,
+                         read_id_list, read_rgb_image, require_files, save_palette_png)
 from tool.logs import config_dict, setup_logging
 from tool.outputs import OutputRecord
 
@@ -133,6 +133,7 @@ def plan_jobs(image_ids: Sequence[str], dataset_info: DatasetInfo, cam_dir: str,
                       os.path.join(out_dir, image_id + ".png")) for image_id in todo]
     require_files([job.cam_path for job in jobs], "CAM dicts", cam_dir)
     require_files([job.image_path for job in jobs], "images", dataset_info.root)
+    check_images_decode([job.image_path for job in jobs], os.path.join(dataset_info.root, IMAGE_CHECK_CACHE))
     return jobs, len(set(image_ids)) - len(todo)
 
 

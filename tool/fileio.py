@@ -167,6 +167,10 @@ def _decoded_size(path: str) -> tuple[int, int]:
         raise DataError(f"{path}: cannot decode image ({error})") from error
 
 
+# In a dataset root: which images were already checked to decode (by file size and mtime).
+IMAGE_CHECK_CACHE = ".image_check.json"
+
+
 def check_images_decode(paths: Sequence[str], cache_path: str | None = None, workers: int = 8) -> None:
     """Check that every image decodes, in parallel threads, before any compute is spent.
 

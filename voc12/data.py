@@ -19,10 +19,7 @@ from torch.utils.data import Dataset
 from tool import transforms as T
 from tool.contract import IGNORE_LABEL
 from tool.datasets import DatasetInfo
-from tool.fileio import DataError, check_images_decode, read_label_png, read_rgb_image, require_files
-
-# Beside the images: which files were already checked to decode (by size and mtime).
-IMAGE_CHECK_CACHE = ".image_check.json"
+from tool.fileio import IMAGE_CHECK_CACHE, DataError, check_images_decode, read_label_png, read_rgb_image, require_files
 
 
 def check_images(info: DatasetInfo, ids: Sequence[str], source: str | None) -> None:
