@@ -29,14 +29,14 @@ from tqdm import tqdm
 from network.affinity import AffinityNet
 from network.weights import load_for_inference
 from tool import transforms as T
-from tool.cli import (add_dataset_args, add_inference_model_args, add_shard_args, non_negative_int, positive_float,
-                      positive_int, run_cli, shard_list)
+from tool.cli import (add_dataset_args, add_inference_model_args, add_overwrite_arg, add_shard_args, non_negative_int,
+                      positive_float, positive_int, run_cli, shard_list)
 from tool.crf import SEED_CRF, dense_crf
 from tool.datasets import DatasetInfo, get_dataset_info
 from tool.distributed import DistInfo, cleanup, setup_distributed
-from tool.fileio import (DataError, load_score_dict, pending_ids, read_id_list, read_rgb_image, require_files,
-                         save_palette_png)
+from tool.fileio import DataError, load_score_dict, read_id_list, read_rgb_image, require_files, save_palette_png
 from tool.logs import config_dict, save_config, setup_logging
+from tool.outputs import OutputRecord
 from tool.random_walk import (FEATURE_STRIDE, AffinityGraph, padded_size, random_walk, random_walk_labels,
                               rw_scores_from_cam_dict)
 from tool.training import images_to_device
@@ -69,6 +69,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num_workers", type=non_negative_int, default=4, help="image-reading workers")
     parser.add_argument("--device", default=None,
                         help="cpu, cuda or cuda:N (default: cuda when available; torchrun: one GPU a rank)")
+    add_overwrite_arg(parser)
     args = parser.parse_args(argv)
     if args.device is not None:
         try:
@@ -154,13 +155,14 @@ def run(args: argparse.Namespace) -> int:
     dist, device = resolve_device(args)
     try:
         setup_logging(os.path.join(args.out_rw, "infer_aff.log"), dist.is_main)
+        record = OutputRecord("infer_aff", args, lambda image_id: [os.path.join(args.out_rw, f"{image_id}.png")])
         if dist.is_main:
             save_config(args, os.path.join(args.out_rw, "infer_aff_config.json"))
         logger.info("configuration: %s", config_dict(args))
         info = get_dataset_info(args.dataset, args.voc12_root)
         infer_list = args.infer_list or info.list_path("train")
         ids = shard_list(read_id_list(infer_list), args.shard, dist)
-        todo = pending_ids(ids, lambda image_id: [os.path.join(args.out_rw, f"{image_id}.png")])
+        todo = record.start(ids)
         logger.info("%d of %d images to do (%d already done)", len(todo), len(ids), len(ids) - len(todo))
         if not todo:
             return 0

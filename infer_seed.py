@@ -26,15 +26,16 @@ from tqdm import tqdm
 from network.avc import AVCNet
 from network.weights import load_for_inference
 from tool.cam import cam_dict_from, fuse_cams, seed_from_cam_dict
-from tool.cli import (add_dataset_args, add_inference_model_args, add_shard_args, non_negative_int,
-                      positive_float, run_cli, shard_list)
+from tool.cli import (add_dataset_args, add_inference_model_args, add_overwrite_arg, add_shard_args,
+                      non_negative_int, positive_float, run_cli, shard_list)
 from tool.contract import HIGH_ALPHA, LOW_ALPHA, crf_dir
 from tool.crf import write_crf_dicts
 from tool.datasets import get_dataset_info
 from tool.distributed import cleanup, setup_distributed
-from tool.fileio import pending_ids, read_id_list, save_npy, save_palette_png, save_rgb_image
+from tool.fileio import read_id_list, save_palette_png, save_rgb_image, save_score_dict
 from tool.logs import save_config, setup_logging
 from tool.multiscale import forward_views
+from tool.outputs import OutputRecord
 from tool.vis import affinity_matrix_picture, cam_overlay, label_overlay, tile_row
 from voc12.data import MultiScaleDataset, collate_single
 
@@ -66,6 +67,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="data-loading workers and CRF processes")
     parser.add_argument("--log_dir", default=None, help="where the run's configuration and log go "
                                                         "(default: the first output folder)")
+    add_overwrite_arg(parser)
     args = parser.parse_args(argv)
     if not (args.out_cam or args.out_cam_pred or args.out_crf or args.out_vis):
         parser.error("nothing to write: give at least one of --out_cam --out_cam_pred --out_crf --out_vis")
@@ -108,12 +110,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         log_dir = args.log_dir or next(p for p in (args.out_cam, args.out_cam_pred, args.out_crf, args.out_vis) if p)
         setup_logging(os.path.join(log_dir, "infer_seed.log"), dist.is_main)
+        record = OutputRecord("infer_seed", args, lambda image_id: output_paths(args, image_id))
         if dist.is_main:
             save_config(args, os.path.join(log_dir, "infer_seed_config.json"))
         info = get_dataset_info(args.dataset, args.voc12_root)
         infer_list = args.infer_list or info.list_path("train")
         ids = shard_list(read_id_list(infer_list), args.shard, dist)
-        todo = pending_ids(ids, lambda image_id: output_paths(args, image_id))
+        todo = record.start(ids)
         logger.info("%d of %d images to do (%d already done)", len(todo), len(ids), len(ids) - len(todo))
         if not todo:
             return
@@ -136,7 +139,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             cam_dict = cam_dict_from(norm_cam, label)
             seed = seed_from_cam_dict(cam_dict, info.num_classes, args.out_cam_pred_alpha, image.shape[:2])
             if args.out_cam:
-                save_npy(os.path.join(args.out_cam, f"{image_id}.npy"), cam_dict)
+                save_score_dict(os.path.join(args.out_cam, f"{image_id}.npy"), cam_dict)
             if args.out_cam_pred:
                 save_palette_png(os.path.join(args.out_cam_pred, f"{image_id}.png"), seed)
             if args.out_vis:

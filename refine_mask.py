@@ -25,12 +25,13 @@ from typing import Sequence
 from tqdm import tqdm
 
 from tool.cam import SEAM_SEED_BG_THRESHOLD, alpha_for_threshold
-from tool.cli import add_dataset_args, run_cli
-from tool.contract import image_ids_in
+from tool.cli import add_dataset_args, add_overwrite_arg, run_cli
 from tool.crf import SEED_CRF, CrfParams, crf_label
 from tool.datasets import DatasetInfo, get_dataset_info
-from tool.fileio import DataError, load_score_dict, read_id_list, read_rgb_image, require_files, save_palette_png
+from tool.fileio import (IMAGE_CHECK_CACHE, DataError, check_images_decode, load_score_dict, pending_ids,
+                         read_id_list, read_rgb_image, require_files, save_palette_png)
 from tool.logs import config_dict, setup_logging
+from tool.outputs import OutputRecord
 
 logger = logging.getLogger("refine_mask")
 
@@ -92,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="background = (1 - max CAM)^alpha; none: ln(t)/ln(1-t) of --bg_threshold")
     parser.add_argument("--num_workers", type=int, default=min(8, os.cpu_count() or 1),
                         help="CRF processes (<= 1: in this process)")
+    add_overwrite_arg(parser)
     crf = parser.add_argument_group("dense CRF (defaults: SEAM's seed CRF)")
     crf.add_argument("--crf_iters", type=int, default=SEED_CRF.iterations, help="mean-field iterations")
     crf.add_argument("--crf_gauss_sxy", type=float, default=SEED_CRF.gauss_sxy,
@@ -126,12 +128,12 @@ def resolve_settings(args: argparse.Namespace, num_classes: int) -> RefineSettin
 def plan_jobs(image_ids: Sequence[str], dataset_info: DatasetInfo, cam_dir: str,
               out_dir: str) -> tuple[list[RefineJob], int]:
     """Jobs for the images without a PNG yet, and how many were skipped; inputs must exist."""
-    done = image_ids_in(out_dir, ".png")
-    todo = [image_id for image_id in dict.fromkeys(image_ids) if image_id not in done]
+    todo = pending_ids(dict.fromkeys(image_ids), lambda image_id: [os.path.join(out_dir, image_id + ".png")])
     jobs = [RefineJob(image_id, dataset_info.image_path(image_id), os.path.join(cam_dir, image_id + ".npy"),
                       os.path.join(out_dir, image_id + ".png")) for image_id in todo]
     require_files([job.cam_path for job in jobs], "CAM dicts", cam_dir)
     require_files([job.image_path for job in jobs], "images", dataset_info.root)
+    check_images_decode([job.image_path for job in jobs], os.path.join(dataset_info.root, IMAGE_CHECK_CACHE))
     return jobs, len(set(image_ids)) - len(todo)
 
 
@@ -140,6 +142,7 @@ def run(args: argparse.Namespace) -> None:
     image_ids = read_id_list(args.list) if args.list else info.read_list("train")
     settings = resolve_settings(args, info.num_classes)
     logger.info("configuration: %s", config_dict(args))
+    OutputRecord("refine_mask", args, lambda image_id: [os.path.join(args.out_dir, image_id + ".png")]).start(image_ids)
     jobs, skipped = plan_jobs(image_ids, info, args.cam_dir, args.out_dir)
     logger.info("%d images in the list, %d already done, %d to refine (alpha %.4g)",
                 len(set(image_ids)), skipped, len(jobs), settings.bg_alpha)

@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from typing import Sequence
 
 from tool.cli import run_cli
-from tool.fileio import DataError, read_id_list
-from tool.pipeline import (PROFILES, Context, Paths, StageFailed, build_stages, clear_outputs, run_stage,
-                           stage_done)
+from tool.fileio import read_id_list
+from tool.pipeline import PROFILES, Context, Paths, build_stages, run_stages, stage_done, stale_stages
+
+
+SUMMARY_FILES = ("summary.md", "summary.json", "index.html")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -60,32 +61,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                                        os.path.abspath(args.results_dir)),
                   imagenet_weights=args.weights and os.path.abspath(args.weights))
     stages = build_stages(ctx)
-    names = [stage.name for stage in stages]
-    chosen = args.only or args.from_stage
-    if chosen and chosen not in names:
-        raise DataError(f"unknown stage {chosen!r}; the stages are: {', '.join(names)}")
-    first = names.index(chosen) if chosen else 0
-    for index, stage in enumerate(stages):
-        if args.only and stage.name != args.only:
-            continue
-        forced = args.only is not None or (args.from_stage is not None and index >= first)
-        if stage_done(ctx, stage) and not forced:
-            print(f"--- [{stage.name}] done earlier (marker {os.path.join(ctx.paths.stages, stage.name)}.json)")
-            continue
-        if args.dry_run:
-            try:
-                print(f"[{stage.name}] python {' '.join(stage.command(ctx))}")
-            except DataError as error:  # a flag that comes from an earlier stage's result
-                print(f"[{stage.name}] (command known once earlier stages ran: {error})")
-            continue
-        if forced:
-            clear_outputs(stage)
-        try:
-            run_stage(ctx, stage)
-        except StageFailed as error:
-            print(f"\n{error}", file=sys.stderr)
-            return 1
-    if not args.dry_run:
+    if run_stages(ctx, stages, only=args.only, from_stage=args.from_stage, dry_run=args.dry_run):
+        return 1
+    stale = [] if args.dry_run else stale_stages(ctx, stages)
+    if stale:  # after --only: later stages were made from the earlier outputs
+        for name in SUMMARY_FILES:  # an old summary would report numbers these stages no longer give
+            path = os.path.join(ctx.paths.results_dir, name)
+            if os.path.isfile(path):
+                os.remove(path)
+        print(f"\nno summary: {', '.join(stale)} are out of date with the current configuration and "
+              f"earlier stages (the old summary was removed); run without --only to bring them up to date")
+    elif not args.dry_run:
         print("\n" + build_report(ctx, stages))
     return 0
 

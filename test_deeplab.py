@@ -35,14 +35,15 @@ import evaluation
 from network.deeplab import DeepLabV1
 from network.weights import load_for_inference
 from tool import transforms as T
-from tool.cli import (add_dataset_args, add_inference_model_args, add_shard_args, non_negative_int,
+from tool.cli import (add_dataset_args, add_inference_model_args, add_overwrite_arg, add_shard_args, non_negative_int,
                       positive_float, run_cli, shard_list)
 from tool.crf import DEEPLAB_TEST_CRF, dense_crf
 from tool.datasets import DatasetInfo, get_dataset_info
 from tool.distributed import barrier, cleanup, setup_distributed
-from tool.fileio import pending_ids, read_id_list, read_rgb_image, save_palette_png
+from tool.fileio import read_id_list, read_rgb_image, save_palette_png
 from tool.logs import setup_logging
 from tool.multiscale import forward_views
+from tool.outputs import OutputRecord
 from voc12.data import check_images, collate_single
 
 logger = logging.getLogger(__name__)
@@ -148,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="data loader workers (default 2)")
     parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
                         help="bf16 autocast on CUDA (ignored on CPU)")
+    add_overwrite_arg(parser)
     return parser
 
 
@@ -176,7 +178,8 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
         info = get_dataset_info(args.dataset, args.voc12_root)
         shard_ids = shard_list(read_id_list(args.infer_list), args.shard, None)
         my_ids = shard_list(shard_ids, None, dist)
-        todo = pending_ids(my_ids, lambda image_id: output_paths(args.out_dir, image_id, args.submission))
+        todo = OutputRecord("test_deeplab", args,
+                            lambda image_id: output_paths(args.out_dir, image_id, args.submission)).start(my_ids)
         logger.info("%d images in this part of %s, %d already done", len(my_ids), args.infer_list,
                     len(my_ids) - len(todo))
         if todo:

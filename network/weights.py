@@ -26,7 +26,8 @@ import torch.nn as nn
 from network.resnet import ResNet
 from network.resnet38 import ResNet38
 from tool.fileio import DataError
-from tool.training import unwrap_model
+from tool.training import format_keys as _format_keys
+from tool.training import require_finite_weights, state_mismatch, unwrap_model
 
 # ------------------------------------------------------------------ MXNet .params reader
 _LIST_MAGIC = 0x112
@@ -190,19 +191,22 @@ def _strip_wrapper_prefixes(state: Mapping[str, torch.Tensor]) -> Dict[str, torc
 
 
 def _torch_load(path: str):
-    """``torch.load`` on CPU; the full unpickler only where the safe one refuses the content."""
+    """``torch.load`` on CPU with the safe unpickler (our checkpoints hold only tensors and
+    plain types, RNG states included); an MXNet file under another name is read as one."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises many types on a corrupt file
-        refused = (isinstance(error, pickle.UnpicklingError)
-                   and "weights only load failed" in str(error).lower())
-        if not refused:
-            raise DataError(f"{path}: cannot read weights ({error})") from error
-    # Our checkpoints may hold optimiser/RNG state that the safe unpickler refuses.
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as error:  # any unpickling failure means a bad file
-        raise DataError(f"{path}: cannot read weights ({error})") from error
+        with open(path, "rb") as handle:
+            head = handle.read(8)
+        if len(head) == 8 and struct.unpack("<Q", head)[0] == _LIST_MAGIC:
+            return mxnet_to_resnet38(read_mxnet_params(path))
+        # A torch file is a zip archive (torch >= 1.6) or a pickle (protocol 2+ starts with 0x80).
+        looks_like_torch = head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"
+        if (looks_like_torch and isinstance(error, pickle.UnpicklingError)
+                and "weights only load failed" in str(error).lower()):
+            raise DataError(f"{path}: a torch file holding objects other than tensors and plain types; refused "
+                            f"(only weights are loaded, never pickled code)") from error
+        raise DataError(f"{path}: neither a torch checkpoint (.pth) nor an MXNet .params file") from error
 
 
 def _read_weights_file(path: str) -> object:
@@ -239,6 +243,7 @@ def _state_dict_of(loaded: object, path: str) -> Dict[str, torch.Tensor]:
     if not isinstance(loaded, Mapping) or not all(
             isinstance(v, torch.Tensor) for v in loaded.values()):
         raise DataError(f"{path}: not a state dict (a mapping from names to tensors)")
+    require_finite_weights(loaded, path)
     return _strip_wrapper_prefixes(loaded)
 
 
@@ -256,11 +261,6 @@ def _find_backbone(model: nn.Module) -> Tuple[str, nn.Module]:
         if isinstance(module, (ResNet38, ResNet)):
             return (name + "." if name else ""), module
     raise TypeError(f"{type(model).__name__} contains no backbone of network.backbones")
-
-
-def _format_keys(keys: List[str], limit: int = 12) -> str:
-    shown = ", ".join(keys[:limit])
-    return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
 
 
 def load_pretrained_backbone(model: nn.Module, path: str) -> LoadReport:
@@ -333,20 +333,9 @@ def _load_strictly(model: nn.Module, file_state: Dict[str, torch.Tensor], path: 
     for key, value in model_state.items():
         if key.endswith("num_batches_tracked") and key not in file_state:
             file_state[key] = value.clone()
-    missing = [k for k in model_state if k not in file_state]
-    unexpected = [k for k in file_state if k not in model_state]
-    conflict = next((f"{k}: file {tuple(file_state[k].shape)} vs model {tuple(v.shape)}"
-                     for k, v in model_state.items()
-                     if k in file_state and file_state[k].shape != v.shape), None)
-    if missing or unexpected or conflict:
-        message = [f"{path} does not match {type(target).__name__}"]
-        if missing:
-            message.append(f"missing keys ({len(missing)}): {_format_keys(missing)}")
-        if unexpected:
-            message.append(f"unexpected keys ({len(unexpected)}): {_format_keys(unexpected)}")
-        if conflict:
-            message.append(f"first shape conflict: {conflict}")
-        raise DataError("; ".join(message))
+    mismatch = state_mismatch(target, file_state, path)
+    if mismatch:
+        raise DataError(mismatch)
     target.load_state_dict(file_state, strict=True)
 
 

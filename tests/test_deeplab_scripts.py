@@ -17,7 +17,7 @@ import train_deeplab
 from tests.helpers_resume import assert_resume_is_bit_exact, log_rows
 from tests.helpers_torchrun import assert_ranks_agree_with_checkpoint, train_on_two_ranks
 from tool.datasets import get_dataset_info
-from tool.fileio import atomic_write_text, read_label_png, save_palette_png, save_rgb_image
+from tool.fileio import DataError, atomic_write_text, read_label_png, save_palette_png, save_rgb_image
 from tool.training import read_checkpoint
 
 SIZE = 32
@@ -172,9 +172,14 @@ def test_submission_layout_evaluation_and_skip_existing(dataset, trained, tmp_pa
     test_deeplab.run(test_deeplab.parse_args(common + ["--infer_list", dataset["train"], "--submission"]))
     assert stamps == {name: os.stat(os.path.join(out_dir, name)).st_mtime_ns for name in stamps}
 
-    # An image without ground truth (a test-set image) is segmented but not evaluated.
-    assert test_deeplab.run(test_deeplab.parse_args(common + ["--infer_list", dataset["test"], "--no-crf"])) is None
-    assert read_label_png(os.path.join(out_dir, "test0.png")).shape == (SIZE, SIZE)
+    # An image without ground truth (a test-set image) is segmented but not evaluated; other
+    # settings (--no-crf) go to another folder (issue 14: never mixed with the CRF outputs).
+    with pytest.raises(DataError, match="made with other settings .*--crf true then, false now"):
+        test_deeplab.run(test_deeplab.parse_args(common + ["--infer_list", dataset["test"], "--no-crf"]))
+    test_dir = str(tmp_path / "pred_test")
+    assert test_deeplab.run(test_deeplab.parse_args(
+        common + ["--infer_list", dataset["test"], "--no-crf", "--out_dir", test_dir])) is None
+    assert read_label_png(os.path.join(test_dir, "test0.png")).shape == (SIZE, SIZE)
 
 
 def test_two_process_torchrun_keeps_identical_weights(dataset, tmp_path):

@@ -77,7 +77,7 @@ def test_second_run_skips_existing(dataset):
         os.utime(path, ns=(1, 1))
     refine_mask.main(_argv(dataset))  # nothing to do: nothing rewritten, nothing new
     assert [os.stat(path).st_mtime_ns for path in paths] == [1, 1]
-    assert sorted(os.listdir(dataset["out"])) == ["img_a.png", "img_b.png"]
+    assert sorted(os.listdir(dataset["out"])) == ["img_a.png", "img_b.png", "refine_mask_settings.json"]
     os.remove(paths[1])
     refine_mask.main(_argv(dataset))  # only the missing one is redone
     assert os.stat(paths[0]).st_mtime_ns == 1 and os.stat(paths[1]).st_mtime_ns > 1
@@ -88,7 +88,7 @@ def test_missing_cam_dict_is_listed(dataset, capsys):
     assert main_exit_code(refine_mask.main, _argv(dataset)) == 2
     message = capsys.readouterr().err
     assert "1 CAM dicts" in message and "img_b.npy" in message and "img_a" not in message
-    assert not os.path.exists(dataset["out"]) or not os.listdir(dataset["out"])
+    assert not os.path.exists(dataset["out"]) or os.listdir(dataset["out"]) == ["refine_mask_settings.json"]
 
 
 def test_cam_size_mismatch_names_files(dataset, capsys):

@@ -176,7 +176,7 @@ def test_load_checkpoint_errors(tmp_path):
         read_checkpoint(str(bad))
     other = tmp_path / "other.pth"
     save_checkpoint(str(other), nn.Linear(2, 2), None, step=0, epoch=0)
-    with pytest.raises(DataError, match="do not fit"):
+    with pytest.raises(DataError, match="does not match ToyWithNewLayers; missing keys"):
         load_checkpoint(str(other), model)
 
 

@@ -215,11 +215,15 @@ def test_load_trained_round_trip_and_errors(tmp_path: Path) -> None:
 def test_unreadable_pth_raises_data_error(tmp_path: Path) -> None:
     path = tmp_path / "garbage.pth"
     path.write_bytes(b"this is not a checkpoint")
-    with pytest.raises(DataError, match="cannot read weights"):
+    with pytest.raises(DataError, match="neither a torch checkpoint .* nor an MXNet .params file"):
         load_trained(TinyHeadNet(), str(path))
     torch.save([1, 2, 3], tmp_path / "list.pth")
     with pytest.raises(DataError, match="not a state dict"):
         load_trained(TinyHeadNet(), str(tmp_path / "list.pth"))
-    torch.save({"model": TinyHeadNet().state_dict(), "rng": np.random.default_rng(0).bit_generator.state,
-                "numpy": np.zeros(2)}, tmp_path / "with_numpy.pth")
-    load_trained(TinyHeadNet(), str(tmp_path / "with_numpy.pth"))
+    torch.save({"model": TinyHeadNet().state_dict(), "rng": np.random.default_rng(0).bit_generator.state},
+               tmp_path / "with_rng.pth")
+    load_trained(TinyHeadNet(), str(tmp_path / "with_rng.pth"))
+    # Pickled objects beyond tensors and plain types are refused (no weights_only=False fallback).
+    torch.save({"model": TinyHeadNet().state_dict(), "numpy": np.zeros(2)}, tmp_path / "with_numpy.pth")
+    with pytest.raises(DataError, match="objects other than tensors"):
+        load_trained(TinyHeadNet(), str(tmp_path / "with_numpy.pth"))

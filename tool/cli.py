@@ -7,6 +7,7 @@ script states its defaults in one call and no flag is re-declared with drifting 
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 from typing import Any, Callable, Sequence, TypeVar
 
@@ -99,11 +100,20 @@ def add_training_args(parser: argparse.ArgumentParser, *, batch_size: int, lr: f
                        help="also checkpoint every N steps (0: only after each epoch)")
     group.add_argument("--resume", default=None, metavar="PATH",
                        help="checkpoint to resume from; 'auto' = <save_dir>/<session>_last.pth if present")
+    add_overwrite_arg(group, "start over when <save_dir> already holds a run of this --session_name "
+                             "(its log is replaced once the first new checkpoint is written)")
     group.add_argument("--num_workers", type=non_negative_int, default=num_workers,
                        help=f"data loader workers per process (default {num_workers})")
     group.add_argument("--seed", type=int, default=seed, help=f"random seed (default {seed})")
     group.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
                        help="bf16 autocast on CUDA (ignored on CPU)")
+
+
+def add_overwrite_arg(parser: argparse.ArgumentParser | argparse._ArgumentGroup,
+                      help: str = "recompute every listed image even if its outputs exist with other "
+                                  "settings (they are removed first)") -> None:
+    """``--overwrite``: redo what a rerun would otherwise refuse to mix with earlier outputs."""
+    parser.add_argument("--overwrite", action="store_true", help=help)
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -145,13 +155,30 @@ EXIT_BAD_INPUT = 2
 EXIT_NON_FINITE_LOSS = 3
 
 
+def describe_os_error(error: OSError) -> str:
+    """One line naming the path and what the filesystem said (read-only, full, a file in the way)."""
+    path = error.filename
+    reason = error.strerror or str(error)
+    if path is None and "\n" in reason.strip():  # re-raised from a DataLoader worker: its last line
+        reason = reason.strip().splitlines()[-1]
+    if error.errno in (errno.EEXIST, errno.ENOTDIR):
+        reason += " (a file is where a folder is needed)"
+    if path is None:
+        return reason
+    return f"{path}: {reason}" + (f" -> {error.filename2}" if error.filename2 else "")
+
+
 def main_exit_code(main: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | None = None) -> int:
-    """Run ``main(argv)`` and return its exit code: bad input (DataError) prints one line and
-    gives 2, a NaN/inf loss gives 3, anything else ``main`` returned (0 for None)."""
+    """Run ``main(argv)`` and return its exit code: bad input (DataError) and filesystem errors
+    (OSError: read-only, full disk, a file where a folder should be) print one line and give 2,
+    a NaN/inf loss or non-finite weights give 3, anything else ``main`` returned (0 for None)."""
     try:
         result = main(argv)
     except DataError as error:
         print(f"error: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except OSError as error:
+        print(f"error: {describe_os_error(error)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except RuntimeError as error:
         from tool.training import NonFiniteLossError  # imported late: not every script needs torch

@@ -12,7 +12,8 @@ import json
 import os
 import pickle
 import tempfile
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 from PIL import Image
@@ -21,7 +22,32 @@ from tool.contract import VOC_PALETTE
 
 
 class DataError(Exception):
-    """Bad input data: the message names the file and what is wrong."""
+    """Bad input data: the message names the file and what is wrong.
+
+    A DataError raised in a DataLoader worker is re-raised by torch as
+    ``DataError("Caught DataError in DataLoader worker process 0.\nOriginal Traceback ...")``;
+    the constructor keeps only the original message, so the user still sees one line.
+    """
+
+    def __init__(self, message: str = "", *args: Any) -> None:
+        if isinstance(message, str) and message.startswith("Caught DataError") and "\nOriginal Traceback" in message:
+            marker = "DataError: "
+            message = message[message.rfind(marker) + len(marker):].strip() if marker in message else message
+        super().__init__(message, *args)
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where /proc tells it (os.umask would, briefly)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o22)
+    os.umask(mask)
+    return mask
 
 
 # --------------------------------------------------------------------------- writing
@@ -34,8 +60,14 @@ def atomic_path(path: str) -> Iterator[str]:
     handle, tmp_path = tempfile.mkstemp(dir=folder, prefix=".tmp_", suffix=suffix)
     os.close(handle)
     try:
+        # mkstemp creates 0600; the output gets the mode a plain open() would give it.
+        os.chmod(tmp_path, 0o666 & ~_umask())
         yield tmp_path
         os.replace(tmp_path, path)
+    except OSError as error:
+        if error.filename is None:  # a failed write (full disk) names no file: name the output
+            raise OSError(error.errno, error.strerror, path) from error
+        raise
     finally:
         if os.path.exists(tmp_path):
             os.remove(tmp_path)
@@ -56,6 +88,21 @@ def save_npy(path: str, obj) -> None:
     buffer = io.BytesIO()
     np.save(buffer, obj, allow_pickle=True)
     atomic_write_bytes(path, buffer.getvalue())
+
+
+def check_finite_scores(path: str, score_dict: Mapping) -> None:
+    """Raise DataError naming ``path`` and the first key whose scores hold NaN or inf."""
+    for key, value in score_dict.items():
+        array = np.asarray(value)
+        if array.dtype.kind in "fc" and not np.isfinite(array).all():
+            raise DataError(f"{path}: scores of key {key} are not finite (NaN or inf; the weights that made "
+                            f"them have diverged?)")
+
+
+def save_score_dict(path: str, score_dict: Mapping) -> None:
+    """``save_npy`` of a CAM/CRF dict, refusing one with non-finite scores."""
+    check_finite_scores(path, score_dict)
+    save_npy(path, score_dict)
 
 
 def save_palette_png(path: str, label: np.ndarray) -> None:
@@ -88,6 +135,78 @@ def read_rgb_image(path: str) -> np.ndarray:
             return np.asarray(image.convert("RGB"))
     except (OSError, ValueError, SyntaxError) as error:
         raise DataError(f"{path}: cannot decode image ({error})") from error
+
+
+def image_size(path: str) -> tuple[int, int]:
+    """(height, width) from the image header; a missing or unreadable file raises DataError."""
+    try:
+        with Image.open(path) as image:
+            return image.height, image.width
+    except FileNotFoundError:
+        raise DataError(f"{path}: image file does not exist") from None
+    except (OSError, ValueError, SyntaxError) as error:
+        raise DataError(f"{path}: cannot decode image ({error})") from error
+
+
+def _decoded_size(path: str) -> tuple[int, int]:
+    """(height, width) of an image that fully decodes (JPEGs at 1/8 scale: every byte is still
+    parsed, at a fraction of the cost); DataError naming the file otherwise."""
+    try:
+        with Image.open(path) as image:
+            height, width = image.height, image.width
+            if height < 1 or width < 1:
+                raise DataError(f"{path}: image has size {width}x{height}")
+            image.draft("RGB", (max(1, width // 8), max(1, height // 8)))
+            image.load()
+        return height, width
+    except DataError:
+        raise
+    except FileNotFoundError:
+        raise DataError(f"{path}: image file does not exist") from None
+    except (OSError, ValueError, SyntaxError) as error:
+        raise DataError(f"{path}: cannot decode image ({error})") from error
+
+
+# In a dataset root: which images were already checked to decode (by file size and mtime).
+IMAGE_CHECK_CACHE = ".image_check.json"
+
+
+def check_images_decode(paths: Sequence[str], cache_path: str | None = None, workers: int = 8) -> None:
+    """Check that every image decodes, in parallel threads, before any compute is spent.
+
+    Images already checked with the same size and mtime (``cache_path``, a JSON file) are
+    not read again; the cache is best effort (a read-only dataset folder just is not cached).
+    The first bad image, in list order, raises DataError.
+    """
+    cache: dict[str, list[int]] = {}
+    if cache_path and os.path.isfile(cache_path):
+        try:
+            with open(cache_path, encoding="utf-8") as handle:
+                loaded = json.load(handle)
+            cache = loaded if isinstance(loaded, dict) else {}
+        except (OSError, ValueError):
+            cache = {}
+    stamps: dict[str, list[int]] = {}
+    todo = []
+    for path in paths:
+        try:
+            status = os.stat(path)
+        except OSError:
+            raise DataError(f"{path}: image file does not exist") from None
+        stamps[path] = [status.st_size, status.st_mtime_ns]
+        entry = cache.get(os.path.abspath(path))
+        if not (isinstance(entry, list) and entry[:2] == stamps[path]):
+            todo.append(path)
+    if not todo:
+        return
+    with ThreadPoolExecutor(max(1, min(workers, len(todo), os.cpu_count() or 1))) as pool:
+        sizes = list(pool.map(_decoded_size, todo))
+    if cache_path:
+        cache.update({os.path.abspath(path): stamps[path] + list(size) for path, size in zip(todo, sizes)})
+        try:
+            atomic_write_text(cache_path, json.dumps(cache, separators=(",", ":")))
+        except OSError:
+            pass  # only a cache: an unwritable dataset folder is checked again next time
 
 
 def read_label_png(path: str, expected_hw: tuple[int, int] | None = None) -> np.ndarray:
@@ -149,6 +268,7 @@ def load_score_dict(path: str, num_keys: int, one_based: bool = False) -> dict[i
         result[int(key)] = value
     if len(shapes) > 1:
         raise DataError(f"{path}: values have different sizes {sorted(shapes)}")
+    check_finite_scores(path, result)
     return result
 
 
@@ -157,11 +277,18 @@ def read_id_list(path: str) -> list[str]:
     if not os.path.isfile(path):
         raise DataError(f"{path}: list file does not exist")
     with open(path, encoding="utf-8") as handle:
-        ids = [line.split()[0] for line in handle if line.strip()]
-    if not ids:
+        numbered = [(number, line.split()[0]) for number, line in enumerate(handle, 1) if line.strip()]
+    if not numbered:
         raise DataError(f"{path}: list is empty")
     # Some VOC lists name files ('/JPEGImages/2007_000032.jpg'): keep the stem.
-    return [os.path.splitext(os.path.basename(image_id))[0] for image_id in ids]
+    ids, first_line = [], {}
+    for number, entry in numbered:
+        image_id = os.path.splitext(os.path.basename(entry))[0]
+        if image_id in first_line:  # evaluation would count it twice, training would oversample it
+            raise DataError(f"{path}: id {image_id!r} is listed twice (lines {first_line[image_id]} and {number})")
+        first_line[image_id] = number
+        ids.append(image_id)
+    return ids
 
 
 def read_json_if_present(path: str) -> Any | None:
@@ -172,10 +299,19 @@ def read_json_if_present(path: str) -> Any | None:
         return json.load(handle)
 
 
+def output_done(path: str) -> bool:
+    """A finished output: outputs are written atomically, so an existing, non-empty, readable
+    file is a complete one (a zero-byte or unreadable file was not made by this pipeline)."""
+    try:
+        return os.path.isfile(path) and os.path.getsize(path) > 0 and os.access(path, os.R_OK)
+    except OSError:
+        return False
+
+
 def pending_ids(image_ids: Iterable[str], outputs_of: Callable[[str], Iterable[str]]) -> list[str]:
-    """The ids, in order, whose output files do not all exist yet: what an inference stage
-    still has to do (outputs are written atomically, so an existing file is a finished one)."""
-    return [image_id for image_id in image_ids if not all(os.path.isfile(path) for path in outputs_of(image_id))]
+    """The ids, in order, whose output files are not all done yet: what an inference stage
+    still has to do (see :func:`output_done`)."""
+    return [image_id for image_id in image_ids if not all(output_done(path) for path in outputs_of(image_id))]
 
 
 def require_files(paths: Iterable[str], what: str, source: str | None = None) -> None:

@@ -72,9 +72,24 @@ def config_dict(args: argparse.Namespace | Mapping[str, Any]) -> dict[str, Any]:
     return {str(key): _json_ready(value) for key, value in sorted(values.items())}
 
 
-def save_config(args: argparse.Namespace | Mapping[str, Any], path: str) -> None:
-    """Write the resolved configuration as indented JSON, atomically."""
-    atomic_write_text(path, json.dumps(config_dict(args), indent=2, sort_keys=True) + "\n")
+def save_config(args: argparse.Namespace | Mapping[str, Any], path: str, keep_previous: bool = False) -> None:
+    """Write the resolved configuration as indented JSON, atomically.
+
+    ``keep_previous``: an existing file with other content is first renamed to
+    ``<stem>.1.json`` (then ``.2``, ...: the highest number is the latest earlier one), so the
+    configuration of an earlier run of the same session is never lost.
+    """
+    text = json.dumps(config_dict(args), indent=2, sort_keys=True) + "\n"
+    if keep_previous and os.path.isfile(path):
+        with open(path, encoding="utf-8") as handle:
+            previous = handle.read()
+        if previous != text:
+            stem, extension = os.path.splitext(path)
+            number = 1
+            while os.path.exists(f"{stem}.{number}{extension}"):
+                number += 1
+            os.replace(path, f"{stem}.{number}{extension}")
+    atomic_write_text(path, text)
 
 
 class CsvLogger:
@@ -84,11 +99,16 @@ class CsvLogger:
     columns would be mixed in one table.
     """
 
-    def __init__(self, path: str, fieldnames: Sequence[str]) -> None:
+    def __init__(self, path: str, fieldnames: Sequence[str], start_over: bool = False) -> None:
         self.path = path
         self.fieldnames = list(fieldnames)
+        # start_over: rows are held back until commit(), which replaces an earlier file, so a
+        # run that fails before its first checkpoint leaves the earlier run's log intact.
+        self._held: list[dict[str, Any]] | None = [] if start_over else None
         if len(set(self.fieldnames)) != len(self.fieldnames):
             raise ValueError(f"{path}: duplicate CSV column names in {self.fieldnames}")
+        if start_over:
+            return
         if os.path.isfile(path) and os.path.getsize(path) > 0:
             with open(path, newline="", encoding="utf-8") as handle:
                 header = next(csv.reader(handle), [])
@@ -102,8 +122,17 @@ class CsvLogger:
         unknown = set(row) - set(self.fieldnames)
         if unknown:
             raise ValueError(f"{self.path}: row has columns {sorted(unknown)} not in the header")
+        if self._held is not None:
+            self._held.append(dict(row))
+            return
         with open(self.path, "a", newline="", encoding="utf-8") as handle:
             csv.DictWriter(handle, fieldnames=self.fieldnames).writerow(row)
+
+    def commit(self) -> None:
+        """Write the held-back rows over the earlier file (start_over); afterwards rows append."""
+        if self._held is not None:
+            rows, self._held = self._held, None
+            self._rewrite(rows)
 
     def read_rows(self) -> list[dict[str, str]]:
         with open(self.path, newline="", encoding="utf-8") as handle:
@@ -114,6 +143,9 @@ class CsvLogger:
 
         Returns the number of rows removed.
         """
+        if self._held is not None:  # nothing on disk belongs to this run yet
+            self._held = [row for row in self._held if float(row[column]) <= last_value]
+            return 0
         rows = self.read_rows()
         kept = [row for row in rows if float(row[column]) <= last_value]
         if len(kept) != len(rows):

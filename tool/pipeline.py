@@ -7,6 +7,7 @@ would type; they are printed so they can be copied.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shlex
@@ -14,6 +15,7 @@ import shutil
 import subprocess
 import sys
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
@@ -247,12 +249,13 @@ def build_stages(ctx: Context) -> list[Stage]:
             "CAM dicts, seed PNGs, low/high-alpha CRF dicts", (p.cam, p.seed_png, crf_dir(p.crf, LOW_ALPHA), crf_dir(p.crf, HIGH_ALPHA))),
         Stage("eval_seed", lambda c: evaluate("seed", p.cam, eval_list, "--type", "npy", "--curve",
                                               "--out_dir", p.seed_curve),
-              "seed mIoU over background thresholds"),
+              "seed mIoU over background thresholds", (ctx.eval_json("seed"), p.seed_curve)),
         Stage("refine_mask", lambda c: [
             "refine_mask.py", *dataset_flags(c), "--list", eval_list, "--cam_dir", p.cam, "--out_dir", p.crf_masks,
             "--bg_threshold", f"{clamped_threshold(c):.2f}", "--num_workers", workers],
             "dense-CRF pseudo masks", (p.crf_masks,)),
-        Stage("eval_crf", lambda c: evaluate("crf", p.crf_masks, eval_list, "--type", "png"), "CRF mask mIoU"),
+        Stage("eval_crf", lambda c: evaluate("crf", p.crf_masks, eval_list, "--type", "png"), "CRF mask mIoU",
+              (ctx.eval_json("crf"),)),
         Stage("train_aff", lambda c: [
             "train_aff.py", *dataset_flags(c), "--train_list", train_list, "--session_name", "aff",
             "--la_crf_dir", crf_dir(p.crf, LOW_ALPHA), "--ha_crf_dir", crf_dir(p.crf, HIGH_ALPHA),
@@ -264,7 +267,7 @@ def build_stages(ctx: Context) -> list[Stage]:
             "--num_workers", workers],
             "random-walk pseudo masks", (p.rw_masks,)),
         Stage("eval_rw", lambda c: evaluate("rw", p.rw_masks, eval_list, "--type", "png"),
-              "random-walk mask mIoU"),
+              "random-walk mask mIoU", (ctx.eval_json("rw"),)),
         Stage("train_deeplab", lambda c: [
             "train_deeplab.py", *dataset_flags(c), "--train_list", train_list, "--pseudo_dir", p.rw_masks,
             "--session_name", "deeplab", *_strings(training_flags(c, "train_deeplab")),
@@ -276,7 +279,7 @@ def build_stages(ctx: Context) -> list[Stage]:
             "--num_workers", workers],
             "DeepLab predictions on val", (p.deeplab_val,)),
         Stage("eval_deeplab", lambda c: evaluate("deeplab", p.deeplab_val, val_list, "--type", "png"),
-              "DeepLab val mIoU"),
+              "DeepLab val mIoU", (ctx.eval_json("deeplab"),)),
         Stage("test_deeplab_samples", lambda c: [
             "test_deeplab.py", *dataset_flags(c), "--weights", deeplab_weights, "--infer_list",
             write_samples_list(c, samples_list), "--out_dir", p.deeplab_samples,
@@ -294,13 +297,122 @@ def write_samples_list(ctx: Context, path: str) -> str:
 
 
 # ----------------------------------------------------------------------------- running
+# A stage's marker says what its outputs were made from: its ``fingerprint`` is a digest of the
+# profile, the exact command and the identity (digest) of every earlier stage's marker. A stage
+# is done only when its marker's fingerprint is the one the run would make now, so a changed
+# configuration, or a rerun earlier stage, reruns it. The marker is removed before the stage's
+# outputs are, and a "started" marker (the fingerprint alone) lets an interrupted stage resume
+# with its outputs kept only when it is started again with the same fingerprint.
 def marker_path(ctx: Context, stage: Stage) -> str:
     return os.path.join(ctx.paths.stages, f"{stage.name}.json")
 
 
+def started_path(ctx: Context, stage: Stage) -> str:
+    return os.path.join(ctx.paths.stages, f"{stage.name}.started.json")
+
+
 def stage_done(ctx: Context, stage: Stage) -> dict[str, Any] | None:
-    """The stage's marker (command, seconds, time), or None if it has not finished."""
-    return read_json_if_present(marker_path(ctx, stage))
+    """The stage's marker (command, fingerprint, seconds, time), or None if it has not finished."""
+    try:
+        return read_json_if_present(marker_path(ctx, stage))
+    except ValueError:  # a marker cut short by hand: the stage is not done
+        return None
+
+
+def marker_identity(marker: Mapping[str, Any] | None) -> str:
+    """The digest a later stage's fingerprint includes ('none' for a stage that has not run)."""
+    if marker is None:
+        return "none"
+    return hashlib.sha256(json.dumps(marker, sort_keys=True).encode("utf-8")).hexdigest()[:16]
+
+
+def stage_fingerprint(ctx: Context, argv: Sequence[str], upstream: Sequence[str]) -> str:
+    """Digest of what a stage's outputs are made from: profile, command, earlier markers."""
+    made_from = {"profile": ctx.profile_name, "command": shlex.join(argv), "upstream": list(upstream)}
+    return hashlib.sha256(json.dumps(made_from, sort_keys=True).encode("utf-8")).hexdigest()[:16]
+
+
+def _remove(path: str) -> None:
+    if os.path.isfile(path):
+        os.remove(path)
+
+
+def stale_stages(ctx: Context, stages: Sequence[Stage]) -> list[str]:
+    """The stages whose marker is missing or was made from another configuration than now."""
+    stale, upstream = [], []
+    for stage in stages:
+        marker = stage_done(ctx, stage)
+        try:
+            current = marker is not None and marker.get("fingerprint") == stage_fingerprint(
+                ctx, stage.command(ctx), upstream)
+        except DataError:  # its command needs an earlier stage's result that is missing
+            current = False
+        if not current:
+            stale.append(stage.name)
+        upstream.append(marker_identity(marker))
+    return stale
+
+
+def run_stages(ctx: Context, stages: Sequence[Stage], only: str | None = None, from_stage: str | None = None,
+               dry_run: bool = False, python: str = sys.executable) -> int:
+    """Run the stages that are not done with the current configuration; 0, or 1 at a failure.
+
+    ``only`` reruns one stage, ``from_stage`` a stage and every later one; a stage that is rerun
+    has its marker removed first, then its outputs (unless it resumes an interrupted start of
+    the same fingerprint), and gets its marker back only when its command succeeds.
+    """
+    names = [stage.name for stage in stages]
+    chosen = only or from_stage
+    if chosen and chosen not in names:
+        raise DataError(f"unknown stage {chosen!r}; the stages are: {', '.join(names)}")
+    first = names.index(chosen) if chosen else 0
+    upstream: list[str] = []
+    for index, stage in enumerate(stages):
+        marker = stage_done(ctx, stage)
+        if only and stage.name != only:
+            upstream.append(marker_identity(marker))
+            continue
+        forced = only is not None or (from_stage is not None and index >= first)
+        try:
+            argv = stage.command(ctx)
+        except DataError as error:  # a flag that comes from an earlier stage's result
+            if not dry_run:
+                raise
+            print(f"[{stage.name}] (command known once earlier stages ran: {error})")
+            upstream.append("pending")
+            continue
+        fingerprint = stage_fingerprint(ctx, argv, upstream)
+        if marker is not None and marker.get("fingerprint") == fingerprint and not forced:
+            print(f"--- [{stage.name}] done earlier (marker {marker_path(ctx, stage)})")
+            upstream.append(marker_identity(marker))
+            continue
+        if dry_run:
+            print(f"[{stage.name}] python {' '.join(argv)}")
+            upstream.append("pending")
+            continue
+        try:
+            started = read_json_if_present(started_path(ctx, stage))
+        except ValueError:
+            started = None
+        resume = not forced and marker is None and started is not None and started.get("fingerprint") == fingerprint
+        _remove(marker_path(ctx, stage))  # first: outputs being replaced never have a marker
+        if resume:
+            print(f"--- [{stage.name}] resuming an interrupted run of the same configuration")
+        else:
+            if marker is not None and not forced:
+                print(f"--- [{stage.name}] made with another configuration (profile, command or an earlier "
+                      f"stage changed): rerunning it")
+            clear_outputs(stage)
+        os.makedirs(ctx.paths.stages, exist_ok=True)
+        atomic_write_text(started_path(ctx, stage), json.dumps({"fingerprint": fingerprint}) + "\n")
+        try:
+            marker = run_stage(ctx, stage, python, argv=argv, fingerprint=fingerprint)
+        except StageFailed as error:
+            print(f"\n{error}", file=sys.stderr)
+            return 1
+        _remove(started_path(ctx, stage))
+        upstream.append(marker_identity(marker))
+    return 0
 
 
 def clear_outputs(stage: Stage) -> None:
@@ -314,9 +426,11 @@ def clear_outputs(stage: Stage) -> None:
             os.remove(path)
 
 
-def run_stage(ctx: Context, stage: Stage, python: str = sys.executable) -> dict[str, Any]:
-    """Run one stage as a subprocess in the repository root; write its marker on success."""
-    argv = [python, *stage.command(ctx)]
+def run_stage(ctx: Context, stage: Stage, python: str = sys.executable, argv: Sequence[str] | None = None,
+              fingerprint: str | None = None) -> dict[str, Any]:
+    """Run one stage (``argv``: its command, already built) as a subprocess in the repository
+    root; write its marker, with ``fingerprint``, on success."""
+    argv = [python, *(stage.command(ctx) if argv is None else argv)]
     threads = ctx.profile.get("torch_threads")
     printable = (f"OMP_NUM_THREADS={threads} " if threads else "") + shlex.join(["python", *argv[1:]])
     print(f"\n==> [{stage.name}] {stage.description}\n$ {printable}", flush=True)
@@ -329,8 +443,9 @@ def run_stage(ctx: Context, stage: Stage, python: str = sys.executable) -> dict[
     if completed.returncode != 0:
         raise StageFailed(f"stage '{stage.name}' failed with exit code {completed.returncode} after "
                           f"{seconds:.0f} s; rerun it with --only {stage.name} once fixed:\n$ {printable}")
-    record = {"stage": stage.name, "command": printable, "seconds": round(seconds, 2),
-              "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+    record = {"stage": stage.name, "profile": ctx.profile_name, "command": printable, "fingerprint": fingerprint,
+              "seconds": round(seconds, 2), "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+              "run_id": uuid.uuid4().hex[:12]}  # a rerun with the same command is still another input
     os.makedirs(ctx.paths.stages, exist_ok=True)
     atomic_write_text(marker_path(ctx, stage), json.dumps(record, indent=2))
     return record

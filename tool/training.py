@@ -251,8 +251,9 @@ def make_loader(dataset: Dataset, sampler: EpochBatchSampler, num_workers: int) 
 
 
 # --------------------------------------------------------------------------- NaN guard
-def check_finite(loss_terms: Mapping[str, torch.Tensor | float], step: int) -> None:
-    """Raise NonFiniteLossError naming ``step`` and every NaN/inf term."""
+def check_finite(loss_terms: Mapping[str, torch.Tensor | float], step: int,
+                 last_good: str = "the last checkpoint is the last good state") -> None:
+    """Raise NonFiniteLossError naming ``step``, every NaN/inf term and ``last_good``."""
     bad = {}
     for name, value in loss_terms.items():
         number = value.detach().float() if isinstance(value, torch.Tensor) else torch.tensor(float(value))
@@ -260,8 +261,61 @@ def check_finite(loss_terms: Mapping[str, torch.Tensor | float], step: int) -> N
             bad[name] = number.flatten()[0].item() if number.numel() == 1 else "non-finite entries"
     if bad:
         listed = ", ".join(f"{name}={value}" for name, value in bad.items())
-        raise NonFiniteLossError(f"non-finite loss at step {step}: {listed}; training stopped, "
-                                 f"the last checkpoint is the last good state")
+        raise NonFiniteLossError(f"non-finite loss at step {step}: {listed}; training stopped, {last_good}")
+
+
+def non_finite_keys(state: Mapping[str, Any]) -> list[str]:
+    """Names of the floating-point tensors in ``state`` (nested dicts/lists too) holding NaN or inf."""
+    bad: list[str] = []
+
+    def visit(name: str, value: Any) -> None:
+        if isinstance(value, torch.Tensor):
+            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                bad.append(name)
+        elif isinstance(value, Mapping):
+            for key, item in value.items():
+                visit(f"{name}.{key}" if name else str(key), item)
+        elif isinstance(value, (list, tuple)):
+            for index, item in enumerate(value):
+                visit(f"{name}.{index}", item)
+
+    visit("", state)
+    return bad
+
+
+def require_finite_weights(state: Mapping[str, Any], path: str) -> None:
+    """DataError when a state dict read from ``path`` holds NaN/inf (a diverged run's weights)."""
+    bad = non_finite_keys(state)
+    if bad:
+        raise DataError(f"{path}: {len(bad)} tensors are not finite (NaN or inf), e.g. {format_keys(bad, 3)}: "
+                        f"the weights of a diverged training; use an earlier checkpoint")
+
+
+def format_keys(keys: Sequence[str], limit: int = 12) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def state_mismatch(model: nn.Module, file_state: Mapping[str, torch.Tensor], path: str) -> str | None:
+    """The strict loader's short report (missing, unexpected keys, first shape conflict), or None
+    when ``file_state`` fits ``model`` exactly."""
+    target = unwrap_model(model)
+    model_state = target.state_dict()
+    missing = [k for k in model_state if k not in file_state]
+    unexpected = [k for k in file_state if k not in model_state]
+    conflicts = [f"{k}: file {tuple(file_state[k].shape)} vs model {tuple(v.shape)}"
+                 for k, v in model_state.items() if k in file_state and file_state[k].shape != v.shape]
+    if not (missing or unexpected or conflicts):
+        return None
+    message = [f"{path} does not match {type(target).__name__}"]
+    if missing:
+        message.append(f"missing keys ({len(missing)}): {format_keys(missing)}")
+    if unexpected:
+        message.append(f"unexpected keys ({len(unexpected)}): {format_keys(unexpected)}")
+    if conflicts:
+        more = f" ({len(conflicts) - 1} more: another --width_mult?)" if len(conflicts) > 1 else ""
+        message.append(f"first shape conflict: {conflicts[0]}{more}")
+    return "; ".join(message)
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -279,12 +333,22 @@ def save_checkpoint(path: str, model: nn.Module, optimizer: torch.optim.Optimize
     ``step`` (completed optimiser steps), ``epoch``, ``args``
     (plain dict), ``rng`` (rank 0's python/numpy/torch/cuda states), ``rng_by_rank`` (every
     rank's, for a bit-exact distributed resume) and ``extra``.
+
+    A model or optimiser state with a NaN/inf tensor on any rank is never written: every rank
+    raises NonFiniteLossError naming the tensors, and the previous file stays as it was.
     """
-    rng_by_rank = all_gather_object(rng_state())
+    optimizer_state = optimizer.state_dict() if optimizer is not None else None
+    local_bad = non_finite_keys({"model": unwrap_model(model).state_dict(), "optimizer": optimizer_state})
+    gathered = all_gather_object((rng_state(), local_bad))
+    rng_by_rank = [rng for rng, _ in gathered]
+    bad = sorted({name for _, names in gathered for name in names})
+    if bad:
+        raise NonFiniteLossError(f"after step {step}: {len(bad)} parameters/buffers are not finite, e.g. "
+                                 f"{format_keys(bad, 3)}; {path} was not written")
     if get_rank() == 0:
         state = {
             "model": unwrap_model(model).state_dict(),
-            "optimizer": optimizer.state_dict() if optimizer is not None else None,
+            "optimizer": optimizer_state,
             "scheduler": scheduler.state_dict() if scheduler is not None else None,
             "step": int(step),
             "epoch": int(epoch),
@@ -318,10 +382,14 @@ def load_checkpoint(path: str, model: nn.Module, optimizer: torch.optim.Optimize
     Returns the checkpoint dict (``step``, ``epoch``, ``args``, ``extra`` ...).
     """
     state = read_checkpoint(path)
+    mismatch = state_mismatch(model, state["model"], path)
+    if mismatch:
+        raise DataError(mismatch)
+    require_finite_weights({"model": state["model"], "optimizer": state.get("optimizer")}, path)
     try:
         unwrap_model(model).load_state_dict(state["model"], strict=True)
-    except RuntimeError as error:
-        raise DataError(f"{path}: weights do not fit the model: {error}") from error
+    except RuntimeError as error:  # e.g. a dtype the model cannot take
+        raise DataError(f"{path}: weights do not fit the model: {str(error).splitlines()[0]}") from error
     for name, target in (("optimizer", optimizer), ("scheduler", scheduler)):
         if target is None:
             continue
@@ -366,7 +434,8 @@ class Trainer:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
                  dist: DistInfo, *, max_step: int, steps_per_epoch: int, loss_names: Sequence[str],
                  save_dir: str, session_name: str, save_every: int = 0,
-                 args: argparse.Namespace | Mapping[str, Any] | None = None, amp: bool = True) -> None:
+                 args: argparse.Namespace | Mapping[str, Any] | None = None, amp: bool = True,
+                 start_over: bool = False) -> None:
         if max_step <= 0 or steps_per_epoch <= 0:
             raise ValueError(f"max_step ({max_step}) and steps_per_epoch ({steps_per_epoch}) must be positive")
         reserved = {"step", "epoch", "lr", "loss"} & set(loss_names)
@@ -390,7 +459,9 @@ class Trainer:
         self._csv: CsvLogger | None = None
         if dist.is_main:
             os.makedirs(save_dir, exist_ok=True)
-            self._csv = CsvLogger(self.csv_path, ("step", "epoch", "lr", "loss") + self.loss_names)
+            # start_over: an earlier run's log stays untouched until this run's first checkpoint.
+            self._csv = CsvLogger(self.csv_path, ("step", "epoch", "lr", "loss") + self.loss_names,
+                                  start_over=start_over)
 
     # ---- position
     @property
@@ -430,9 +501,23 @@ class Trainer:
 
     def save_last(self) -> None:
         """Write ``<session>_last.pth`` (every rank calls it; rank 0 writes)."""
-        save_checkpoint(self.last_path, self.model, self.optimizer, self.global_step, self.epoch,
-                        self.args, scheduler=self.scheduler)
+        self._save(self.last_path)
         self._saved_step = self.global_step
+
+    def _save(self, path: str) -> None:
+        try:
+            save_checkpoint(path, self.model, self.optimizer, self.global_step, self.epoch, self.args,
+                            scheduler=self.scheduler)
+        except NonFiniteLossError as error:
+            raise NonFiniteLossError(f"{error}; training stopped, {self.last_good()}") from None
+        if self._csv is not None:
+            self._csv.commit()
+
+    def last_good(self) -> str:
+        """Which checkpoint holds the last good state (for the NaN guard's message)."""
+        if self._saved_step >= 0:
+            return f"{self.last_path} (step {self._saved_step}) is the last good state"
+        return "no checkpoint of this run was written"
 
     def finish(self) -> str:
         """Write the final ``<session>.pth`` (same dict; weights under ``'model'``).
@@ -443,8 +528,7 @@ class Trainer:
         broadcast_buffers_from_main(unwrap_model(self.model))
         if self._saved_step != self.global_step:
             self.save_last()
-        save_checkpoint(self.final_path, self.model, self.optimizer, self.global_step, self.epoch,
-                        self.args, scheduler=self.scheduler)
+        self._save(self.final_path)
         if self.dist.is_main:
             logger.info("final weights written to %s (step %d)", self.final_path, self.global_step)
         return self.final_path
@@ -506,7 +590,7 @@ class Trainer:
                    (terms[name] for name in self.loss_names)]
         averaged = all_reduce_tensor(torch.stack([value.to(loss.device) for value in values]), op="mean")
         numbers = dict(zip(("loss",) + self.loss_names, averaged.tolist()))
-        check_finite(numbers, step_number)
+        check_finite(numbers, step_number, self.last_good())
 
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -542,8 +626,10 @@ def build_trainer(model: nn.Module, num_samples: int, args: argparse.Namespace, 
     SGD over SEAM's four parameter groups with the poly schedule, DDP wrapping, the epoch
     sampler, the Trainer, the resolved configuration saved beside the checkpoints, and
     ``--resume``. ``max_step`` defaults to ``--max_epoches`` epochs. The (possibly DDP-wrapped)
-    model is ``trainer.model``.
+    model is ``trainer.model``. A folder that already holds a run of this session is refused
+    unless ``--resume`` or ``--overwrite`` says what to do with it (see :func:`check_new_run`).
     """
+    start_over = check_new_run(args)
     optimizer = make_sgd(parameter_groups(model, args.lr, args.wt_dec), momentum=args.momentum)
     model = prepare_model(model, dist)
     sampler = EpochBatchSampler(num_samples, args.batch_size, seed=args.seed,
@@ -553,8 +639,27 @@ def build_trainer(model: nn.Module, num_samples: int, args: argparse.Namespace, 
     trainer = Trainer(model, optimizer, PolyLR(optimizer, max_step), dist, max_step=max_step,
                       steps_per_epoch=sampler.batches_per_epoch, loss_names=loss_names,
                       save_dir=args.save_dir, session_name=args.session_name,
-                      save_every=args.save_every, args=args, amp=args.amp)
+                      save_every=args.save_every, args=args, amp=args.amp, start_over=start_over)
     if dist.is_main:
-        save_config(args, os.path.join(args.save_dir, f"{args.session_name}_config.json"))
+        save_config(args, os.path.join(args.save_dir, f"{args.session_name}_config.json"), keep_previous=True)
     trainer.resume(args.resume)
     return trainer, sampler
+
+
+def check_new_run(args: argparse.Namespace) -> bool:
+    """Refuse to start a run over an earlier one of the same ``--session_name`` unless told.
+
+    With ``--resume`` the earlier run is continued; with ``--overwrite`` it is replaced (its
+    checkpoints as the new ones are written, its log at the first new checkpoint). Returns
+    whether this run starts over an earlier one.
+    """
+    if args.resume is not None:
+        return False
+    last_path, final_path = checkpoint_paths(args.save_dir, args.session_name)
+    csv_path = os.path.join(args.save_dir, f"{args.session_name}_log.csv")
+    existing = [path for path in (final_path, last_path, csv_path) if os.path.isfile(path)]
+    if existing and not getattr(args, "overwrite", False):
+        raise DataError(f"{existing[0]}: {args.save_dir} already holds a run named '{args.session_name}'; "
+                        f"continue it with --resume auto, start over with --overwrite, or choose another "
+                        f"--session_name")
+    return bool(existing)

@@ -19,14 +19,17 @@ from torch.utils.data import Dataset
 from tool import transforms as T
 from tool.contract import IGNORE_LABEL
 from tool.datasets import DatasetInfo
-from tool.fileio import DataError, read_label_png, read_rgb_image, require_files
+from tool.fileio import IMAGE_CHECK_CACHE, DataError, check_images_decode, read_label_png, read_rgb_image, require_files
 
 
 def check_images(info: DatasetInfo, ids: Sequence[str], source: str | None) -> None:
-    """A non-empty list whose images all exist (one DataError naming the first ten missing)."""
+    """A non-empty list whose images all exist (one DataError naming the first ten missing)
+    and all decode (checked once per file version, before the first step)."""
     if not ids:
         raise DataError(f"{source or info.root}: the image list is empty")
-    require_files((info.image_path(image_id) for image_id in ids), "images", source=source or info.root)
+    paths = [info.image_path(image_id) for image_id in ids]
+    require_files(paths, "images", source=source or info.root)
+    check_images_decode(paths, os.path.join(info.root, IMAGE_CHECK_CACHE))
 
 
 def _check_cls_labels(info: DatasetInfo, ids: Sequence[str], cls_labels: Mapping[str, np.ndarray]) -> None:

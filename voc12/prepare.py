@@ -29,7 +29,8 @@ from tqdm import tqdm
 from tool.cli import run_cli
 from tool.contract import image_ids_in
 from tool.datasets import DatasetInfo, get_dataset_info
-from tool.fileio import DataError, atomic_write_text, read_id_list, read_label_png, require_files, save_npy
+from tool.fileio import (DataError, atomic_write_text, image_size, read_id_list, read_label_png, require_files,
+                         save_npy)
 from voc12 import layout
 
 LOGGER = logging.getLogger(__name__)
@@ -38,12 +39,13 @@ NO_FOREGROUND_FILE = "no_foreground.txt"
 _MIN_IDS_FOR_POOL = 512
 
 
-def label_classes(path: str, num_classes: int) -> np.ndarray:
+def label_classes(path: str, num_classes: int, image_path: str | None = None) -> np.ndarray:
     """Float32 multi-hot (num_classes,) of the foreground classes present in a label PNG.
 
-    A value that is neither a class (0..num_classes) nor 255 raises DataError.
+    A value that is neither a class (0..num_classes) nor 255, or a label whose size differs
+    from its image (``image_path``, read from the header), raises DataError.
     """
-    label = read_label_png(path)
+    label = read_label_png(path, expected_hw=image_size(image_path) if image_path else None)
     counts = np.bincount(label.ravel(), minlength=256)
     unknown = np.flatnonzero(counts[num_classes + 1:255]) + num_classes + 1
     if unknown.size:
@@ -52,13 +54,13 @@ def label_classes(path: str, num_classes: int) -> np.ndarray:
     return (counts[1:num_classes + 1] > 0).astype(np.float32)
 
 
-def _label_classes_star(args: tuple[str, int]) -> np.ndarray:
+def _label_classes_star(args: tuple[str, int, str]) -> np.ndarray:
     return label_classes(*args)
 
 
 def compute_cls_labels(info: DatasetInfo, image_ids: Sequence[str], workers: int = 1) -> dict[str, np.ndarray]:
     """Image-level labels of ``image_ids`` read from their ground-truth PNGs (process pool)."""
-    tasks = [(info.gt_path(image_id), info.num_classes) for image_id in image_ids]
+    tasks = [(info.gt_path(image_id), info.num_classes, info.image_path(image_id)) for image_id in image_ids]
     progress = dict(total=len(tasks), desc="class labels", unit="img", leave=False)
     if workers > 1 and len(tasks) >= _MIN_IDS_FOR_POOL:
         with multiprocessing.Pool(workers) as pool:
