@@ -114,9 +114,13 @@ def run_in_flight(work: Callable[[T], R], items: Iterable[T], plan: WorkPlan,
     one-line ``DataError``) and the remaining items are cancelled.
     """
     if plan.workers <= 1:
-        set_torch_threads(plan.threads_per_worker)
-        for item in items:
-            yield work(item)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(plan.threads_per_worker)
+        try:
+            for item in items:
+                yield work(item)
+        finally:
+            torch.set_num_threads(threads)  # the caller's setting, as it was
         return
     window = window or 2 * plan.workers
     # Fork: the workers inherit the model and the work function; nothing is re-imported.
