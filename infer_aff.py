@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import logging
 import os
 from typing import Any, Sequence
@@ -153,6 +154,12 @@ def label_from_walk(item: dict[str, Any], walked: torch.Tensor, args: argparse.N
     return random_walk_labels(walked, item["image"].shape[:2])
 
 
+def write_rw_label(args: argparse.Namespace, item: dict[str, Any], walked: torch.Tensor) -> str:
+    """The label PNG of one image from its walked scores; returns the id."""
+    save_palette_png(os.path.join(args.out_rw, f"{item['id']}.png"), label_from_walk(item, walked, args))
+    return item["id"]
+
+
 def resolve_device(args: argparse.Namespace) -> tuple[DistInfo, torch.device]:
     """Join torchrun if present; ``--device`` picks the device of a single process."""
     use_cuda = torch.cuda.is_available() if args.device is None else torch.device(args.device).type == "cuda"
@@ -180,12 +187,9 @@ def run(args: argparse.Namespace) -> int:
         model = load_for_inference(lambda width: AffinityNet(width_mult=width, radius=args.radius),
                                    args.weights, args.width_mult, device)
 
-        def finish(item: dict[str, Any], walked: torch.Tensor) -> str:
-            save_palette_png(os.path.join(args.out_rw, f"{item['id']}.png"), label_from_walk(item, walked, args))
-            return item["id"]
-
         results = run_images(dataset, lambda items: [walk_scores(model, items[0], info.num_classes, args, device)],
-                             finish, device=device, threads=args.threads, num_workers=args.num_workers)
+                             functools.partial(write_rw_label, args), device=device, threads=args.threads,
+                             num_workers=args.num_workers)
         for _ in tqdm(results, total=len(dataset), desc="random walk", disable=not dist.is_main, dynamic_ncols=True):
             pass
         return len(todo)

@@ -109,6 +109,28 @@ def visualise(image: np.ndarray, affinity: tuple[np.ndarray, tuple[int, int]], c
     return tile_row(pictures + [picture])
 
 
+def write_seed_outputs(args: argparse.Namespace, num_classes: int, item: dict, view_cams: np.ndarray,
+                       affinity: tuple[np.ndarray, tuple[int, int]] | None = None) -> str:
+    """Everything one image's fused CAMs give: CAM dict, seed PNG, picture, CRF dicts; returns the id.
+
+    ``view_cams`` (V, C, H, W): the per-view class CAMs at the image size; ``affinity``: the
+    :func:`pcm_affinity` of the image (needed with ``--out_vis``).
+    """
+    image_id, image, label = item["id"], item["image"], item["label"].numpy()
+    norm_cam = fuse_cams(view_cams, label, clip=not args.seam_cam_norm)
+    cam_dict = cam_dict_from(norm_cam, label)
+    seed = seed_from_cam_dict(cam_dict, num_classes, args.out_cam_pred_alpha, image.shape[:2])
+    if args.out_cam:
+        save_npy(os.path.join(args.out_cam, f"{image_id}.npy"), cam_dict)
+    if args.out_cam_pred:
+        save_palette_png(os.path.join(args.out_cam_pred, f"{image_id}.png"), seed)
+    if args.out_vis:
+        save_rgb_image(os.path.join(args.out_vis, f"{image_id}.jpg"), visualise(image, affinity, cam_dict, seed))
+    if args.out_crf:
+        write_crf_dicts(image, cam_dict, image_id, args.out_crf, args.crf_alphas)
+    return image_id
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     dist = setup_distributed()
@@ -138,21 +160,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                     for item, view_cams in zip(items, maps)]
 
         def finish(item: dict, inferred: tuple[np.ndarray, tuple | None]) -> str:
-            view_cams, affinity = inferred
-            image_id, image, label = item["id"], item["image"], item["label"].numpy()
-            norm_cam = fuse_cams(view_cams, label, clip=not args.seam_cam_norm)
-            cam_dict = cam_dict_from(norm_cam, label)
-            seed = seed_from_cam_dict(cam_dict, info.num_classes, args.out_cam_pred_alpha, image.shape[:2])
-            if args.out_cam:
-                save_npy(os.path.join(args.out_cam, f"{image_id}.npy"), cam_dict)
-            if args.out_cam_pred:
-                save_palette_png(os.path.join(args.out_cam_pred, f"{image_id}.png"), seed)
-            if args.out_vis:
-                save_rgb_image(os.path.join(args.out_vis, f"{image_id}.jpg"),
-                               visualise(image, affinity, cam_dict, seed))
-            if args.out_crf:
-                write_crf_dicts(image, cam_dict, image_id, args.out_crf, args.crf_alphas)
-            return image_id
+            return write_seed_outputs(args, info.num_classes, item, *inferred)
 
         results = run_images(dataset, infer, finish, device=dist.device, threads=args.threads,
                              batch_images=args.batch_images, num_workers=args.num_workers,

@@ -21,6 +21,7 @@ Parallel: ``--shard K/N`` (e.g. one per machine) and ``torchrun --nproc_per_node
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 from typing import Any, Sequence
@@ -135,6 +136,14 @@ def output_paths(out_dir: str, image_id: str, submission: bool) -> list[str]:
     return paths
 
 
+def write_prediction(args: argparse.Namespace, item: dict[str, Any], probs: np.ndarray) -> str:
+    """The label PNG(s) of one image from its fused probabilities (CRF with ``--crf``); returns the id."""
+    label = label_from_probabilities(item["image"], probs, args.crf)
+    for path in output_paths(args.out_dir, item["id"], args.submission):
+        save_palette_png(path, label)
+    return item["id"]
+
+
 # --------------------------------------------------------------------------- script
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -197,13 +206,7 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
                 return predict_probabilities_many(model, [item["views"] for item in items],
                                                   [item["image"].shape[:2] for item in items], dist.device, args.amp)
 
-            def finish(item: dict[str, Any], probs: np.ndarray) -> str:
-                label = label_from_probabilities(item["image"], probs, args.crf)
-                for path in output_paths(args.out_dir, item["id"], args.submission):
-                    save_palette_png(path, label)
-                return item["id"]
-
-            results = run_images(dataset, infer, finish, device=dist.device, threads=args.threads,
+            results = run_images(dataset, infer, functools.partial(write_prediction, args), device=dist.device, threads=args.threads,
                                  batch_images=args.batch_images, num_workers=args.num_workers,
                                  key=lambda item: tuple(tuple(view.shape) for view in item["views"]),
                                  strip=("views",))
