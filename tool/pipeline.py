@@ -35,7 +35,8 @@ PROFILES: dict[str, dict[str, Any]] = {
         # No ImageNet weights here: the classifier trains from scratch, and AffinityNet and DeepLab
         # start from its backbone (trained on the same images).
         "backbone_from_avc": True,
-        # One compute thread a stage: on 2 shared cores, 2 torch threads beside the data workers thrash.
+        # One compute thread a training stage: on 2 shared cores, 2 torch threads beside the data workers
+        # thrash. The inference stages (PARALLEL_STAGES) keep one image in flight per core instead.
         "torch_threads": 1,
         "width_mult": 0.125, "num_workers": 1, "sample_images": 8,
         # Dropping whole channels of an 8..512-channel network stalls learning from scratch; the second
@@ -84,6 +85,11 @@ PROFILES["tiny"] = {
     "train_deeplab": {**PROFILES["synthetic"]["train_deeplab"], "max_iters": 4, "crop_size": 64},
     "test_deeplab": {"scales": (1.0,)},
 }
+
+
+# Stages that spread their images over the cores themselves (tool/parallel.py: workers and torch
+# threads from os.sched_getaffinity), so the profile's torch_threads does not apply to them.
+PARALLEL_STAGES = frozenset({"infer_seed", "refine_mask", "infer_aff", "test_deeplab", "test_deeplab_samples"})
 
 
 @dataclass(frozen=True)
@@ -250,7 +256,7 @@ def build_stages(ctx: Context) -> list[Stage]:
               "seed mIoU over background thresholds"),
         Stage("refine_mask", lambda c: [
             "refine_mask.py", *dataset_flags(c), "--list", eval_list, "--cam_dir", p.cam, "--out_dir", p.crf_masks,
-            "--bg_threshold", f"{clamped_threshold(c):.2f}", "--num_workers", workers],
+            "--bg_threshold", f"{clamped_threshold(c):.2f}"],
             "dense-CRF pseudo masks", (p.crf_masks,)),
         Stage("eval_crf", lambda c: evaluate("crf", p.crf_masks, eval_list, "--type", "png"), "CRF mask mIoU"),
         Stage("train_aff", lambda c: [
@@ -317,7 +323,7 @@ def clear_outputs(stage: Stage) -> None:
 def run_stage(ctx: Context, stage: Stage, python: str = sys.executable) -> dict[str, Any]:
     """Run one stage as a subprocess in the repository root; write its marker on success."""
     argv = [python, *stage.command(ctx)]
-    threads = ctx.profile.get("torch_threads")
+    threads = None if stage.name in PARALLEL_STAGES else ctx.profile.get("torch_threads")
     printable = (f"OMP_NUM_THREADS={threads} " if threads else "") + shlex.join(["python", *argv[1:]])
     print(f"\n==> [{stage.name}] {stage.description}\n$ {printable}", flush=True)
     start = time.perf_counter()
