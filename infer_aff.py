@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import logging
 import os
 from typing import Any, Sequence
@@ -23,24 +24,27 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from network.affinity import AffinityNet
 from network.weights import load_for_inference
 from tool import transforms as T
-from tool.cli import (add_dataset_args, add_inference_model_args, add_overwrite_arg, add_shard_args, non_negative_int,
+from tool.cli import (add_dataset_args, add_inference_model_args, add_overwrite_arg, add_parallel_args, add_shard_args,
+                      non_negative_int,
                       positive_float, positive_int, run_cli, shard_list)
 from tool.crf import SEED_CRF, dense_crf
 from tool.datasets import DatasetInfo, get_dataset_info
 from tool.distributed import DistInfo, cleanup, setup_distributed
-from tool.fileio import DataError, load_score_dict, read_id_list, read_rgb_image, require_files, save_palette_png
+from tool.fileio import (DataError, load_score_dict, read_id_list, read_rgb_image, require_files,
+                         save_palette_png)
 from tool.logs import config_dict, save_config, setup_logging
-from tool.outputs import OutputRecord
 from tool.random_walk import (FEATURE_STRIDE, AffinityGraph, padded_size, random_walk, random_walk_labels,
                               rw_scores_from_cam_dict)
 from tool.training import images_to_device
-from voc12.data import check_images, collate_single
+from tool.outputs import OutputRecord
+from tool.parallel import run_images
+from voc12.data import check_images
 
 logger = logging.getLogger("infer_aff")
 
@@ -66,10 +70,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="pair radius on the stride-8 grid (default 5; small maps use SEAM's rule)")
     parser.add_argument("--crf", action="store_true",
                         help="SEAM's option: one dense-CRF iteration on the upsampled walk scores")
-    parser.add_argument("--num_workers", type=non_negative_int, default=4, help="image-reading workers")
+    parser.add_argument("--num_workers", type=non_negative_int, default=4,
+                        help="image-reading workers of the CUDA path")
+    add_parallel_args(parser, batching=False)
+    add_overwrite_arg(parser)
     parser.add_argument("--device", default=None,
                         help="cpu, cuda or cuda:N (default: cuda when available; torchrun: one GPU a rank)")
-    add_overwrite_arg(parser)
     args = parser.parse_args(argv)
     if args.device is not None:
         try:
@@ -126,9 +132,14 @@ def crf_labels(walked: torch.Tensor, padded_input: torch.Tensor, image_hw: tuple
 def rw_label(model: AffinityNet, item: dict[str, Any], num_classes: int, args: argparse.Namespace,
              device: torch.device) -> np.ndarray:
     """The random-walk label map (H, W) uint8 of one dataset item."""
+    return label_from_walk(item, walk_scores(model, item, num_classes, args, device), args)
+
+
+def walk_scores(model: AffinityNet, item: dict[str, Any], num_classes: int, args: argparse.Namespace,
+                device: torch.device) -> torch.Tensor:
+    """The walked scores of one dataset item (the network part), on the CPU."""
     image_hw = item["image"].shape[:2]
-    padded_input = item["input"]
-    x = images_to_device(padded_input[None], device)
+    x = images_to_device(item["input"][None], device)
     try:
         with torch.inference_mode():
             graph: AffinityGraph = model.affinity_graph(x)
@@ -136,10 +147,20 @@ def rw_label(model: AffinityNet, item: dict[str, Any], num_classes: int, args: a
         raise DataError(f"{item['id']}: image {image_hw[0]}x{image_hw[1]} is too small for the walk ({error})") \
             from error
     scores = rw_scores_from_cam_dict(item["cam_dict"], num_classes, args.alpha, image_hw, source=item["cam_path"])
-    walked = random_walk(graph, scores, beta=args.beta, logt=args.logt)
+    return random_walk(graph, scores, beta=args.beta, logt=args.logt).cpu()
+
+
+def label_from_walk(item: dict[str, Any], walked: torch.Tensor, args: argparse.Namespace) -> np.ndarray:
+    """Labels from the walked scores: SEAM's CRF with ``--crf``, else upsampling and arg-max."""
     if args.crf:
-        return crf_labels(walked, padded_input, image_hw)
-    return random_walk_labels(walked, image_hw)
+        return crf_labels(walked, item["input"], item["image"].shape[:2])
+    return random_walk_labels(walked, item["image"].shape[:2])
+
+
+def write_rw_label(args: argparse.Namespace, item: dict[str, Any], walked: torch.Tensor) -> str:
+    """The label PNG of one image from its walked scores; returns the id."""
+    save_palette_png(os.path.join(args.out_rw, f"{item['id']}.png"), label_from_walk(item, walked, args))
+    return item["id"]
 
 
 def resolve_device(args: argparse.Namespace) -> tuple[DistInfo, torch.device]:
@@ -169,10 +190,12 @@ def run(args: argparse.Namespace) -> int:
         dataset = RandomWalkDataset(info, todo, args.cam_dir, source=infer_list)
         model = load_for_inference(lambda width: AffinityNet(width_mult=width, radius=args.radius),
                                    args.weights, args.width_mult, device)
-        loader = DataLoader(dataset, batch_size=1, collate_fn=collate_single, num_workers=args.num_workers)
-        for item in tqdm(loader, desc="random walk", disable=not dist.is_main, dynamic_ncols=True):
-            label = rw_label(model, item, info.num_classes, args, device)
-            save_palette_png(os.path.join(args.out_rw, f"{item['id']}.png"), label)
+
+        results = run_images(dataset, lambda items: [walk_scores(model, items[0], info.num_classes, args, device)],
+                             functools.partial(write_rw_label, args), device=device, threads=args.threads,
+                             num_workers=args.num_workers)
+        for _ in tqdm(results, total=len(dataset), desc="random walk", disable=not dist.is_main, dynamic_ncols=True):
+            pass
         return len(todo)
     finally:
         cleanup()

@@ -8,14 +8,13 @@ Outputs, in SEAM's formats (``tool/contract.py``): CAM dicts ``<out_cam>/<id>.np
 ``--crf_alphas`` value in ``<out_crf>_<alpha>/<id>.npy`` (AffinityNet's low/high-alpha labels);
 with ``--out_vis``, CAM overlays and a PCM affinity picture per image. Images whose outputs
 all exist are skipped, so an interrupted run resumes. ``--shard K/N`` or ``torchrun`` split the
-list; the CRF runs in a process pool beside the network.
+list; on CPU one image is in flight per core (``--threads``), CRF included (``tool/parallel.py``).
 """
 from __future__ import annotations
 
 import argparse
 import logging
 import os
-from multiprocessing import get_context
 from typing import Sequence
 
 import numpy as np
@@ -26,7 +25,7 @@ from tqdm import tqdm
 from network.avc import AVCNet
 from network.weights import load_for_inference
 from tool.cam import cam_dict_from, fuse_cams, seed_from_cam_dict
-from tool.cli import (add_dataset_args, add_inference_model_args, add_overwrite_arg, add_shard_args,
+from tool.cli import (add_dataset_args, add_inference_model_args, add_overwrite_arg, add_parallel_args, add_shard_args,
                       non_negative_int, positive_float, run_cli, shard_list)
 from tool.contract import HIGH_ALPHA, LOW_ALPHA, crf_dir
 from tool.crf import write_crf_dicts
@@ -34,10 +33,11 @@ from tool.datasets import get_dataset_info
 from tool.distributed import cleanup, setup_distributed
 from tool.fileio import read_id_list, save_palette_png, save_rgb_image, save_score_dict
 from tool.logs import save_config, setup_logging
-from tool.multiscale import forward_views
+from tool.multiscale import forward_views_many
 from tool.outputs import OutputRecord
+from tool.parallel import run_images
 from tool.vis import affinity_matrix_picture, cam_overlay, label_overlay, tile_row
-from voc12.data import MultiScaleDataset, collate_single
+from voc12.data import MultiScaleDataset
 
 logger = logging.getLogger("infer_seed")
 
@@ -64,7 +64,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                              "(values far below 0); by default CAMs are clipped to [0, 1]")
     parser.add_argument("--out_vis", default=None, help="folder for CAM overlays and affinity pictures")
     parser.add_argument("--num_workers", type=non_negative_int, default=4,
-                        help="data-loading workers and CRF processes")
+                        help="data-loading workers of the batched (CUDA) path")
+    add_parallel_args(parser)
     parser.add_argument("--log_dir", default=None, help="where the run's configuration and log go "
                                                         "(default: the first output folder)")
     add_overwrite_arg(parser)
@@ -88,20 +89,48 @@ def output_paths(args: argparse.Namespace, image_id: str) -> list[str]:
     return paths
 
 
-def visualise(model: AVCNet, item: dict, cam_dict: dict, seed: np.ndarray, device: torch.device) -> np.ndarray:
-    """CAM overlays, the seed, and the PCM affinity of the unflipped scale-1 view sorted by seed class."""
+def pcm_affinity(model: AVCNet, item: dict, device: torch.device) -> tuple[np.ndarray, tuple[int, int]]:
+    """The PCM affinity (N, N) of the unflipped view closest to scale 1 and its CAM grid size."""
     image = item["image"]
-    pictures = [image] + [cam_overlay(image, cam_dict[key]) for key in sorted(cam_dict)]
-    pictures.append(label_overlay(image, seed))
     view = item["views"][min(range(len(item["views"])),
                              key=lambda index: abs(item["views"][index].shape[-1] - image.shape[1]))]
     with torch.inference_mode():
         output = model(view[:1].to(device))
-    affinity = output["affinity"][0].float().cpu().numpy()
-    seed_small = F.interpolate(torch.from_numpy(seed)[None, None].float(), size=output["cam"].shape[-2:],
+    return output["affinity"][0].float().cpu().numpy(), tuple(output["cam"].shape[-2:])
+
+
+def visualise(image: np.ndarray, affinity: tuple[np.ndarray, tuple[int, int]], cam_dict: dict,
+              seed: np.ndarray) -> np.ndarray:
+    """CAM overlays, the seed, and the PCM affinity (:func:`pcm_affinity`) sorted by seed class."""
+    pictures = [image] + [cam_overlay(image, cam_dict[key]) for key in sorted(cam_dict)]
+    pictures.append(label_overlay(image, seed))
+    matrix, cam_hw = affinity
+    seed_small = F.interpolate(torch.from_numpy(seed)[None, None].float(), size=cam_hw,
                                mode="nearest")[0, 0].numpy()
-    picture = affinity_matrix_picture(affinity, seed_small, size=image.shape[0])
+    picture = affinity_matrix_picture(matrix, seed_small, size=image.shape[0])
     return tile_row(pictures + [picture])
+
+
+def write_seed_outputs(args: argparse.Namespace, num_classes: int, item: dict, view_cams: np.ndarray,
+                       affinity: tuple[np.ndarray, tuple[int, int]] | None = None) -> str:
+    """Everything one image's fused CAMs give: CAM dict, seed PNG, picture, CRF dicts; returns the id.
+
+    ``view_cams`` (V, C, H, W): the per-view class CAMs at the image size; ``affinity``: the
+    :func:`pcm_affinity` of the image (needed with ``--out_vis``).
+    """
+    image_id, image, label = item["id"], item["image"], item["label"].numpy()
+    norm_cam = fuse_cams(view_cams, label, clip=not args.seam_cam_norm)
+    cam_dict = cam_dict_from(norm_cam, label)
+    seed = seed_from_cam_dict(cam_dict, num_classes, args.out_cam_pred_alpha, image.shape[:2])
+    if args.out_cam:
+        save_score_dict(os.path.join(args.out_cam, f"{image_id}.npy"), cam_dict)
+    if args.out_cam_pred:
+        save_palette_png(os.path.join(args.out_cam_pred, f"{image_id}.png"), seed)
+    if args.out_vis:
+        save_rgb_image(os.path.join(args.out_vis, f"{image_id}.jpg"), visualise(image, affinity, cam_dict, seed))
+    if args.out_crf:
+        write_crf_dicts(image, cam_dict, image_id, args.out_crf, args.crf_alphas)
+    return image_id
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -127,38 +156,21 @@ def main(argv: Sequence[str] | None = None) -> None:
         def class_cams(batch: torch.Tensor) -> torch.Tensor:
             return model.forward_cam(batch)[:, 1:]  # drop the background channel, as SEAM
 
-        loader = torch.utils.data.DataLoader(dataset, batch_size=1, collate_fn=collate_single,
-                                             num_workers=args.num_workers)
-        crf_pool = get_context("spawn").Pool(args.num_workers) if args.out_crf and args.num_workers > 0 else None
-        pending = []
-        for item in tqdm(loader, desc="seeds", disable=not dist.is_main, dynamic_ncols=True):
-            image_id, image, label = item["id"], item["image"], item["label"].numpy()
-            view_cams = forward_views(class_cams, item["views"], image.shape[:2], align_corners=False,
-                                      device=dist.device)
-            norm_cam = fuse_cams(view_cams.float().cpu().numpy(), label, clip=not args.seam_cam_norm)
-            cam_dict = cam_dict_from(norm_cam, label)
-            seed = seed_from_cam_dict(cam_dict, info.num_classes, args.out_cam_pred_alpha, image.shape[:2])
-            if args.out_cam:
-                save_score_dict(os.path.join(args.out_cam, f"{image_id}.npy"), cam_dict)
-            if args.out_cam_pred:
-                save_palette_png(os.path.join(args.out_cam_pred, f"{image_id}.png"), seed)
-            if args.out_vis:
-                save_rgb_image(os.path.join(args.out_vis, f"{image_id}.jpg"),
-                               visualise(model, item, cam_dict, seed, dist.device))
-            if args.out_crf:
-                crf_args = (image, cam_dict, image_id, args.out_crf, args.crf_alphas)
-                if crf_pool is None:
-                    write_crf_dicts(*crf_args)
-                else:
-                    pending.append(crf_pool.apply_async(write_crf_dicts, crf_args))
-                    # Bound the queue so images do not pile up in memory ahead of the CRF.
-                    while len(pending) > 4 * args.num_workers:
-                        pending.pop(0).get()
-        if crf_pool is not None:
-            for job in tqdm(pending, desc="crf", disable=not dist.is_main, dynamic_ncols=True):
-                job.get()
-            crf_pool.close()
-            crf_pool.join()
+        def infer(items: list[dict]) -> list[tuple[np.ndarray, tuple | None]]:
+            maps = forward_views_many(class_cams, [item["views"] for item in items],
+                                      [item["image"].shape[:2] for item in items], device=dist.device)
+            return [(view_cams.float().cpu().numpy(), pcm_affinity(model, item, dist.device) if args.out_vis else None)
+                    for item, view_cams in zip(items, maps)]
+
+        def finish(item: dict, inferred: tuple[np.ndarray, tuple | None]) -> str:
+            return write_seed_outputs(args, info.num_classes, item, *inferred)
+
+        results = run_images(dataset, infer, finish, device=dist.device, threads=args.threads,
+                             batch_images=args.batch_images, num_workers=args.num_workers,
+                             key=lambda item: tuple(tuple(view.shape) for view in item["views"]),
+                             strip=("views",))
+        for _ in tqdm(results, total=len(dataset), desc="seeds", disable=not dist.is_main, dynamic_ncols=True):
+            pass
     finally:
         cleanup()
 

@@ -18,20 +18,20 @@ import argparse
 import dataclasses
 import functools
 import logging
-import multiprocessing
 import os
 from typing import Sequence
 
 from tqdm import tqdm
 
 from tool.cam import SEAM_SEED_BG_THRESHOLD, alpha_for_threshold
-from tool.cli import add_dataset_args, add_overwrite_arg, run_cli
+from tool.cli import add_dataset_args, add_overwrite_arg, add_parallel_args, positive_int, run_cli
 from tool.crf import SEED_CRF, CrfParams, crf_label
 from tool.datasets import DatasetInfo, get_dataset_info
 from tool.fileio import (IMAGE_CHECK_CACHE, DataError, check_images_decode, load_score_dict, pending_ids,
                          read_id_list, read_rgb_image, require_files, save_palette_png)
 from tool.logs import config_dict, setup_logging
 from tool.outputs import OutputRecord
+from tool.parallel import plan_workers, run_in_flight
 
 logger = logging.getLogger("refine_mask")
 
@@ -65,18 +65,12 @@ def refine_image(job: RefineJob, settings: RefineSettings) -> str:
     return job.image_id
 
 
-def refine_all(jobs: Sequence[RefineJob], settings: RefineSettings, num_workers: int) -> None:
-    """Refine every job, over a process pool when ``num_workers > 1``, with a progress bar."""
+def refine_all(jobs: Sequence[RefineJob], settings: RefineSettings, threads: int | None = None) -> None:
+    """Refine every job, one image in flight per core (``tool.parallel``), with a progress bar."""
     work = functools.partial(refine_image, settings=settings)
-    with tqdm(total=len(jobs), desc="refine_mask", unit="img") as bar:
-        if num_workers <= 1 or len(jobs) <= 1:
-            for job in jobs:
-                work(job)
-                bar.update()
-            return
-        with multiprocessing.Pool(min(num_workers, len(jobs))) as pool:
-            for _ in pool.imap_unordered(work, jobs, chunksize=4):
-                bar.update()
+    for _ in tqdm(run_in_flight(work, jobs, plan_workers(threads, len(jobs))), total=len(jobs),
+                  desc="refine_mask", unit="img"):
+        pass
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -91,8 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="seed background threshold the default alpha is derived from")
     parser.add_argument("--bg_alpha", type=float, default=None,
                         help="background = (1 - max CAM)^alpha; none: ln(t)/ln(1-t) of --bg_threshold")
-    parser.add_argument("--num_workers", type=int, default=min(8, os.cpu_count() or 1),
-                        help="CRF processes (<= 1: in this process)")
+    parser.add_argument("--num_workers", type=positive_int, default=None,
+                        help="CRF processes (1: in this process; default: --threads)")
+    add_parallel_args(parser, batching=False)
     add_overwrite_arg(parser)
     crf = parser.add_argument_group("dense CRF (defaults: SEAM's seed CRF)")
     crf.add_argument("--crf_iters", type=int, default=SEED_CRF.iterations, help="mean-field iterations")
@@ -147,7 +142,7 @@ def run(args: argparse.Namespace) -> None:
     logger.info("%d images in the list, %d already done, %d to refine (alpha %.4g)",
                 len(set(image_ids)), skipped, len(jobs), settings.bg_alpha)
     os.makedirs(args.out_dir, exist_ok=True)
-    refine_all(jobs, settings, args.num_workers)
+    refine_all(jobs, settings, args.num_workers or args.threads)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -21,6 +21,7 @@ Parallel: ``--shard K/N`` (e.g. one per machine) and ``torchrun --nproc_per_node
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 from typing import Any, Sequence
@@ -28,23 +29,24 @@ from typing import Any, Sequence
 import cv2
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from tqdm import tqdm
 
 import evaluation
 from network.deeplab import DeepLabV1
 from network.weights import load_for_inference
 from tool import transforms as T
-from tool.cli import (add_dataset_args, add_inference_model_args, add_overwrite_arg, add_shard_args, non_negative_int,
-                      positive_float, run_cli, shard_list)
+from tool.cli import (add_dataset_args, add_inference_model_args, add_overwrite_arg, add_parallel_args, add_shard_args,
+                      non_negative_int, positive_float, run_cli, shard_list)
 from tool.crf import DEEPLAB_TEST_CRF, dense_crf
 from tool.datasets import DatasetInfo, get_dataset_info
 from tool.distributed import barrier, cleanup, setup_distributed
 from tool.fileio import read_id_list, read_rgb_image, save_palette_png
 from tool.logs import setup_logging
-from tool.multiscale import forward_views
+from tool.multiscale import forward_views_many
 from tool.outputs import OutputRecord
-from voc12.data import check_images, collate_single
+from tool.parallel import run_images
+from voc12.data import check_images
 
 logger = logging.getLogger(__name__)
 
@@ -109,8 +111,15 @@ def fuse_view_logits(view_logits: torch.Tensor) -> torch.Tensor:
 def predict_probabilities(model: torch.nn.Module, views: Sequence[torch.Tensor], image_hw: tuple[int, int],
                           device: torch.device | str = "cpu", amp: bool = True) -> np.ndarray:
     """Class probabilities (C, H, W) float32 from multi-scale (+ flip) views of one image."""
-    view_logits = forward_views(model, views, image_hw, align_corners=True, device=device, amp=amp)
-    return fuse_view_logits(view_logits).cpu().numpy().astype(np.float32, copy=False)
+    return predict_probabilities_many(model, [views], [image_hw], device, amp)[0]
+
+
+def predict_probabilities_many(model: torch.nn.Module, views_per_image: Sequence[Sequence[torch.Tensor]],
+                               image_hws: Sequence[tuple[int, int]], device: torch.device | str = "cpu",
+                               amp: bool = True) -> list[np.ndarray]:
+    """:func:`predict_probabilities` of several images, views of equal shape in one forward."""
+    maps = forward_views_many(model, views_per_image, image_hws, align_corners=True, device=device, amp=amp)
+    return [fuse_view_logits(logits).cpu().numpy().astype(np.float32, copy=False) for logits in maps]
 
 
 def label_from_probabilities(image: np.ndarray, probs: np.ndarray, crf: bool) -> np.ndarray:
@@ -126,6 +135,14 @@ def output_paths(out_dir: str, image_id: str, submission: bool) -> list[str]:
     if submission:
         paths.append(os.path.join(out_dir, SUBMISSION_SUBDIR, f"{image_id}.png"))
     return paths
+
+
+def write_prediction(args: argparse.Namespace, item: dict[str, Any], probs: np.ndarray) -> str:
+    """The label PNG(s) of one image from its fused probabilities (CRF with ``--crf``); returns the id."""
+    label = label_from_probabilities(item["image"], probs, args.crf)
+    for path in output_paths(args.out_dir, item["id"], args.submission):
+        save_palette_png(path, label)
+    return item["id"]
 
 
 # --------------------------------------------------------------------------- script
@@ -146,7 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--submission", action=argparse.BooleanOptionalAction, default=False,
                         help=f"also write <out_dir>/{SUBMISSION_SUBDIR}/<id>.png for the VOC test server")
     parser.add_argument("--num_workers", type=non_negative_int, default=2,
-                        help="data loader workers (default 2)")
+                        help="data loader workers of the batched (CUDA) path and of the evaluation (default 2)")
+    add_parallel_args(parser)
     parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
                         help="bf16 autocast on CUDA (ignored on CPU)")
     add_overwrite_arg(parser)
@@ -186,14 +204,17 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
             model = load_for_inference(lambda width: DeepLabV1(num_classes=info.num_classes, width_mult=width),
                                        args.weights, args.width_mult, dist.device)
             dataset = DeepLabTestDataset(info, todo, args.scales, args.flip, source=args.infer_list)
-            loader = DataLoader(dataset, batch_size=1, num_workers=args.num_workers, collate_fn=collate_single,
-                                generator=torch.Generator().manual_seed(0))
-            for item in tqdm(loader, desc="test", disable=not dist.is_main, dynamic_ncols=True):
-                image = item["image"]
-                probs = predict_probabilities(model, item["views"], image.shape[:2], dist.device, args.amp)
-                label = label_from_probabilities(image, probs, args.crf)
-                for path in output_paths(args.out_dir, item["id"], args.submission):
-                    save_palette_png(path, label)
+
+            def infer(items: list[dict[str, Any]]) -> list[np.ndarray]:
+                return predict_probabilities_many(model, [item["views"] for item in items],
+                                                  [item["image"].shape[:2] for item in items], dist.device, args.amp)
+
+            results = run_images(dataset, infer, functools.partial(write_prediction, args), device=dist.device, threads=args.threads,
+                                 batch_images=args.batch_images, num_workers=args.num_workers,
+                                 key=lambda item: tuple(tuple(view.shape) for view in item["views"]),
+                                 strip=("views",))
+            for _ in tqdm(results, total=len(dataset), desc="test", disable=not dist.is_main, dynamic_ncols=True):
+                pass
         barrier()
         return evaluate_if_possible(args, info, shard_ids) if dist.is_main else None
     finally:

@@ -116,6 +116,19 @@ def add_overwrite_arg(parser: argparse.ArgumentParser | argparse._ArgumentGroup,
     parser.add_argument("--overwrite", action="store_true", help=help)
 
 
+def add_parallel_args(parser: argparse.ArgumentParser, *, batching: bool = True) -> None:
+    """``--threads`` (and with ``batching``, ``--batch_images``) of the inference scripts (``tool.parallel``)."""
+    group = parser.add_argument_group("parallelism")
+    group.add_argument("--threads", type=positive_int, default=None,
+                       help="CPU cores to use (default: all this process may run on, os.sched_getaffinity); "
+                            "on CPU, one image in flight per core")
+    if batching:
+        group.add_argument("--batch_images", type=positive_int, default=None,
+                           help="images batched into one forward where their view shapes agree, the CRF "
+                                "and writing in --threads background processes (default: 8 on CUDA; "
+                                "on CPU 1, i.e. images in flight instead)")
+
+
 def parse_shard(text: str) -> tuple[int, int]:
     """``'K/N'`` (1-based K of N) -> (K - 1, N); anything else raises ArgumentTypeError."""
     parts = text.split("/")

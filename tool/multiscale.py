@@ -56,20 +56,33 @@ def forward_views(model_fn: ModelFn, views: Sequence[torch.Tensor], out_size: tu
     ``out_size`` (bilinear, ``align_corners``: False for SEAM CAMs, True for DeepLab) and
     flipped views are flipped back. ``amp`` enables bf16 autocast on CUDA (ignored on CPU).
     """
-    _check_views(views)
+    return forward_views_many(model_fn, [views], [out_size], align_corners, device, amp)[0]
+
+
+def forward_views_many(model_fn: ModelFn, views_per_image: Sequence[Sequence[torch.Tensor]],
+                       out_sizes: Sequence[tuple[int, int]], align_corners: bool = False,
+                       device: torch.device | str = "cpu", amp: bool = True) -> list[torch.Tensor]:
+    """:func:`forward_views` of several images at once: every view shape gets one forward over all
+    the images' views of that shape (the GPU path batches images this way); one (V, C, H, W)
+    tensor per image, at that image's ``out_sizes`` entry."""
+    if len(views_per_image) != len(out_sizes):
+        raise ValueError(f"{len(views_per_image)} images but {len(out_sizes)} output sizes")
+    for views in views_per_image:
+        _check_views(views)
     device = torch.device(device)
-    groups: dict[tuple[int, ...], list[int]] = {}
-    for index, view in enumerate(views):
-        groups.setdefault(tuple(view.shape[1:]), []).append(index)
-    per_view: list[torch.Tensor | None] = [None] * len(views)
+    groups: dict[tuple[int, ...], list[tuple[int, int]]] = {}
+    for image, views in enumerate(views_per_image):
+        for index, view in enumerate(views):
+            groups.setdefault(tuple(view.shape[1:]), []).append((image, index))
+    per_view: list[list[torch.Tensor | None]] = [[None] * len(views) for views in views_per_image]
     with torch.inference_mode():
-        for indices in groups.values():
-            batch = torch.cat([views[i] for i in indices]) if len(indices) > 1 else views[indices[0]]
-            scores = _to_image_size(_run_model(model_fn, batch, device, amp), out_size, align_corners)
-            chunks = torch.split(scores, [views[i].shape[0] for i in indices])
-            for i, chunk in zip(indices, chunks):
-                per_view[i] = _unflip(chunk)
-        return torch.cat(per_view)
+        for members in groups.values():
+            parts = [views_per_image[image][index] for image, index in members]
+            batch = torch.cat(parts) if len(parts) > 1 else parts[0]
+            scores = _run_model(model_fn, batch, device, amp)
+            for (image, index), chunk in zip(members, torch.split(scores, [part.shape[0] for part in parts])):
+                per_view[image][index] = _unflip(_to_image_size(chunk, out_sizes[image], align_corners))
+        return [torch.cat(maps) for maps in per_view]  # type: ignore[arg-type]
 
 
 def forward_views_unbatched(model_fn: ModelFn, views: Sequence[torch.Tensor], out_size: tuple[int, int],

@@ -24,7 +24,7 @@ from tool.logs import config_dict
 
 # Flags that change where or how fast a run works, never what it writes.
 RUN_ONLY_FLAGS = frozenset({
-    "num_workers", "shard", "log_dir", "device", "overwrite", "infer_list", "list", "comment",
+    "num_workers", "threads", "batch_images", "shard", "log_dir", "device", "overwrite", "infer_list", "list", "comment",
     "out_cam", "out_cam_pred", "out_crf", "out_vis", "out_rw", "out_dir", "out_json", "logfile",
     "submission",  # which copies are written, not what they hold
 })

@@ -37,7 +37,8 @@ PROFILES: dict[str, dict[str, Any]] = {
         # No ImageNet weights here: the classifier trains from scratch, and AffinityNet and DeepLab
         # start from its backbone (trained on the same images).
         "backbone_from_avc": True,
-        # One compute thread a stage: on 2 shared cores, 2 torch threads beside the data workers thrash.
+        # One compute thread a training stage: on 2 shared cores, 2 torch threads beside the data workers
+        # thrash. The inference stages (PARALLEL_STAGES) keep one image in flight per core instead.
         "torch_threads": 1,
         "width_mult": 0.125, "num_workers": 1, "sample_images": 8,
         # Dropping whole channels of an 8..512-channel network stalls learning from scratch; the second
@@ -86,6 +87,11 @@ PROFILES["tiny"] = {
     "train_deeplab": {**PROFILES["synthetic"]["train_deeplab"], "max_iters": 4, "crop_size": 64},
     "test_deeplab": {"scales": (1.0,)},
 }
+
+
+# Stages that spread their images over the cores themselves (tool/parallel.py: workers and torch
+# threads from os.sched_getaffinity), so the profile's torch_threads does not apply to them.
+PARALLEL_STAGES = frozenset({"infer_seed", "refine_mask", "infer_aff", "test_deeplab", "test_deeplab_samples"})
 
 
 @dataclass(frozen=True)
@@ -252,7 +258,7 @@ def build_stages(ctx: Context) -> list[Stage]:
               "seed mIoU over background thresholds", (ctx.eval_json("seed"), p.seed_curve)),
         Stage("refine_mask", lambda c: [
             "refine_mask.py", *dataset_flags(c), "--list", eval_list, "--cam_dir", p.cam, "--out_dir", p.crf_masks,
-            "--bg_threshold", f"{clamped_threshold(c):.2f}", "--num_workers", workers],
+            "--bg_threshold", f"{clamped_threshold(c):.2f}"],
             "dense-CRF pseudo masks", (p.crf_masks,)),
         Stage("eval_crf", lambda c: evaluate("crf", p.crf_masks, eval_list, "--type", "png"), "CRF mask mIoU",
               (ctx.eval_json("crf"),)),
@@ -431,7 +437,7 @@ def run_stage(ctx: Context, stage: Stage, python: str = sys.executable, argv: Se
     """Run one stage (``argv``: its command, already built) as a subprocess in the repository
     root; write its marker, with ``fingerprint``, on success."""
     argv = [python, *(stage.command(ctx) if argv is None else argv)]
-    threads = ctx.profile.get("torch_threads")
+    threads = None if stage.name in PARALLEL_STAGES else ctx.profile.get("torch_threads")
     printable = (f"OMP_NUM_THREADS={threads} " if threads else "") + shlex.join(["python", *argv[1:]])
     print(f"\n==> [{stage.name}] {stage.description}\n$ {printable}", flush=True)
     start = time.perf_counter()

@@ -14,7 +14,6 @@ from typing import NamedTuple
 
 import cv2
 import numpy as np
-import torchvision.transforms.functional as TF
 from PIL import Image
 
 from tool.contract import IGNORE_LABEL, IMAGENET_MEAN, IMAGENET_STD
@@ -140,6 +139,9 @@ def random_hflip(image: np.ndarray, rng: np.random.Generator, label: np.ndarray 
 def color_jitter(image: np.ndarray, rng: np.random.Generator, brightness: float = 0.3, contrast: float = 0.3,
                  saturation: float = 0.3, hue: float = 0.1) -> np.ndarray:
     """torchvision's ColorJitter (SEAM: 0.3, 0.3, 0.3, 0.1) with its order and factors drawn from ``rng``."""
+    # Imported here: torchvision pulls in torch._dynamo (seconds), which only training needs.
+    import torchvision.transforms.functional as TF
+
     order = rng.permutation(4)
     factors = (rng.uniform(max(0.0, 1 - brightness), 1 + brightness),
                rng.uniform(max(0.0, 1 - contrast), 1 + contrast),
