@@ -66,6 +66,7 @@ import math
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -135,8 +136,8 @@ class SuiteConfig:
 PROFILES: dict[str, dict[str, Any]] = {
     # VOC-sized images, ResNet38 at width 1.0, the published crops and batches.
     "full": dict(width=1.0, image_hw=(375, 500), crop=448, avc_batch=8, aff_batch=8, deeplab_batch=10,
-                 num_images=8, warmup=2, budget_s=20.0, deadline_s=400.0,
-                 num_workers=min(8, os.cpu_count() or 1), ddp_timeout_s=150.0, max_dense_nodes=12000),
+                 num_images=8, warmup=2, budget_s=20.0, deadline_s=360.0,
+                 num_workers=min(8, os.cpu_count() or 1), ddp_timeout_s=90.0, max_dense_nodes=12000),
     # The same code at sizes the 2-core CPU runs in seconds (the test suite's run).
     "tiny": dict(width=0.0625, image_hw=(48, 64), crop=48, avc_batch=2, aff_batch=2, deeplab_batch=2,
                  num_images=2, warmup=1, budget_s=0.2, deadline_s=120.0, num_workers=0,
@@ -306,7 +307,7 @@ def stage_avc_train(suite: Suite) -> dict[str, Any]:
         return terms.pop("total"), terms, images.shape[0]
 
     result = train_rates(suite, trainer, batches, forward_loss)
-    weight = unwrap_model(trainer.model).fc8.weight
+    weight = unwrap_model(trainer.model).conv1a.weight  # a 3x3 kernel: 1x1 ones are contiguous either way
     return {**result, **layouts, "batch": config.avc_batch, "crop": config.crop,
             "model_channels_last": weight.is_contiguous(memory_format=torch.channels_last),
             "autocast": "bf16" if suite.cuda else "none (CPU)"}
@@ -518,8 +519,14 @@ def stage_random_walk(suite: Suite) -> dict[str, Any]:
             outputs[index] = walk(index)
             return 1
 
+        if suite.cuda:  # each variant's own peak; the stage's is the largest of them
+            result["peak_gpu_mib"] = max(result.get("peak_gpu_mib", 0.0),
+                                         torch.cuda.max_memory_allocated(suite.device) / 2 ** 20)
+            torch.cuda.reset_peak_memory_stats(suite.device)
         measured = suite.measure(step, budget, warmup=1)
         result[f"{name}_s_per_image"] = measured["seconds"] / measured["items"]
+        if suite.cuda:
+            result[f"{name}_peak_gpu_mib"] = torch.cuda.max_memory_allocated(suite.device) / 2 ** 20
         return [outputs[index] for index in sorted(outputs)]
 
     with torch.inference_mode():
@@ -606,6 +613,8 @@ def stage_ddp_step(suite: Suite) -> dict[str, Any]:
             with open(result_path, encoding="utf-8") as handle:
                 result = json.load(handle)
             result.update(rate=None, unit="", attempts_failed=errors)
+            if not result["ranks_agree"]:
+                result.update(status="failed", error="the ranks ended the step with different weights")
             return result
         errors.append(f"{nproc} process(es), {'nccl' if use_cuda else 'gloo'}: {outcome}")
     raise RuntimeError("; ".join(errors))
@@ -624,16 +633,21 @@ def run_torchrun(suite: Suite, nproc: int, use_cuda: bool, result_path: str) -> 
                "--crop", str(config.crop), "--batch", str(max(config.avc_batch, nproc)),
                "--device", "cuda" if use_cuda else "cpu"]
     timeout = max(10.0, min(config.ddp_timeout_s, config.deadline_s - suite.elapsed()))
+    # Its own process group, so a hung run (NCCL waiting on a peer) is killed with its ranks.
+    process = subprocess.Popen(command, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, start_new_session=True)
     try:
-        done = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
+        output, _ = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
         return f"timed out after {timeout:.0f} s"
-    if done.returncode == 0 and os.path.isfile(result_path):
+    if process.returncode == 0 and os.path.isfile(result_path):
         return None
-    lines = (done.stdout + done.stderr).strip().splitlines()
+    lines = output.strip().splitlines()
     # The first error lines name the cause; torchrun's own summary at the end does not.
     errors = [line.strip() for line in lines if "error" in line.lower() and "errors.html" not in line][:3]
-    return f"exit {done.returncode}: " + " | ".join(errors or lines[-4:])
+    return f"exit {process.returncode}: " + " | ".join(errors or lines[-4:])
 
 
 def ddp_worker(result_path: str, width: float, crop: int, batch: int, use_cuda: bool) -> None:
@@ -734,8 +748,9 @@ def run_stage(suite: Suite, name: str) -> dict[str, Any]:
         result = {"status": "failed", "error": f"{type(error).__name__}: {error}",
                   "traceback": traceback.format_exc().strip().splitlines()[-8:]}
     result["wall_s"] = time.perf_counter() - start
-    if suite.cuda:
-        result["peak_gpu_mib"] = torch.cuda.max_memory_allocated(suite.device) / 2 ** 20
+    if suite.cuda:  # a stage that resets the peak itself (per variant) reports the earlier maximum
+        result["peak_gpu_mib"] = max(result.get("peak_gpu_mib", 0.0),
+                                     torch.cuda.max_memory_allocated(suite.device) / 2 ** 20)
     gc.collect()
     return result
 
@@ -773,7 +788,7 @@ STAGE_DETAILS = ("rate_without_trainer", "trainer_cost", "input_channels_last", 
                  "dense_device_s_per_image", "dense_cpu_s_per_image", "sparse_cpu_over_device",
                  "dense_device_over_sparse_device", "dense_cpu_over_sparse_device",
                  "sparse_device_vs_cpu_label_agreement", "dense_device_label_agreement",
-                 "dense_cpu_label_agreement", "dense", "processes", "backend", "ranks_agree",
+                 "dense_cpu_label_agreement", "sparse_device_peak_gpu_mib", "dense_device_peak_gpu_mib", "dense", "processes", "backend", "ranks_agree",
                  "sync_batchnorm", "attempts_failed", "error")
 
 
@@ -781,7 +796,8 @@ def markdown(report: Mapping[str, Any]) -> str:
     meta, results = report["meta"], report["stages"]
     lines = [f"GPU suite, {meta['date']}, {meta['device_name']}, torch {meta['torch']}, CUDA {meta['cuda']}, "
              f"profile {meta['profile']} (width {meta['config']['width']}, images "
-             f"{meta['config']['image_hw'][0]}x{meta['config']['image_hw'][1]}), {meta['wall_s']:.0f} s", "",
+             f"{meta['config']['image_hw'][0]}x{meta['config']['image_hw'][1]}), {meta['wall_s']:.0f} s"
+             + ("" if meta.get("complete", True) else " (partial: the run has not finished)"), "",
              "| stage | rate | unit | peak GPU MiB | wall s | status | details |", "|---|---|---|---|---|---|---|"]
     for name, result in results.items():
         details = "; ".join(f"{key} {_number(result[key])}" for key in STAGE_DETAILS if key in result)
@@ -796,6 +812,13 @@ def markdown(report: Mapping[str, Any]) -> str:
             goal = f"<= {row['goal_minutes_1_gpu']:g} min: {'met' if row['goal_met'] else 'NOT met'}"
         lines.append(f"| {row['what']} | {row['images']} | {_number(row.get('minutes_1_gpu', '-'))} | "
                      f"{_number(row.get('minutes_8_gpus', '-'))} | {goal} |")
+    lines.append("")
+    for row in report["projections"]:
+        if "goal_minutes_1_gpu" in row or PROJECTIONS[row["what"]][2] is not None:
+            goal = PROJECTIONS[row["what"]][2]
+            verdict = ("met" if row["goal_met"] else "NOT met") if "goal_met" in row else "not measured"
+            minutes = f" ({_number(row['minutes_1_gpu'])} min)" if "minutes_1_gpu" in row else ""
+            lines.append(f"Goal: {row['what']} <= {goal:g} min on one {meta['device_name']}: {verdict}{minutes}.")
     return "\n".join(lines) + "\n"
 
 
@@ -810,7 +833,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--budget_s", type=float, default=None, help="timed seconds per measurement (profile: 20)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed iterations before each measurement")
     parser.add_argument("--deadline_s", type=float, default=None,
-                        help="no stage starts after this many seconds of the suite (profile: 400)")
+                        help="no stage starts after this many seconds of the suite (profile: 360)")
     parser.add_argument("--num_workers", type=int, default=None, help="data-loader workers and CRF processes")
     parser.add_argument("--crop", type=int, default=None, help="training crop (profile: 448)")
     parser.add_argument("--batch", type=int, default=None, help=argparse.SUPPRESS)
@@ -843,6 +866,13 @@ def run_suite(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
     names = args.stages or list(STAGES)
     os.makedirs(args.out, exist_ok=True)
     started = time.perf_counter()
+    meta = {"device": str(device),
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
+            else platform.processor() or platform.machine(),
+            "torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
+            "cpu_count": os.cpu_count(), "profile": "tiny" if args.tiny else "full",
+            "config": dataclasses.asdict(config), "argv": list(argv) if argv is not None else sys.argv[1:],
+            "init": "random (no weights: throughput only)"}
     with tempfile.TemporaryDirectory(prefix="gpu_suite_") as work_dir:
         suite = Suite(config, device, work_dir)
         print(f"gpu suite: device {device}, width {config.width}, images {config.image_hw}, "
@@ -852,23 +882,21 @@ def run_suite(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
             result = suite.results[name]
             print(f"  {name}: {result['status']} {_number(result.get('rate') or '')} {result.get('unit', '')} "
                   f"({result['wall_s']:.1f} s){'  ' + result['error'] if 'error' in result else ''}", flush=True)
-        results = suite.results
-    report = {
-        "meta": {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-                 "device": str(device),
-                 "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
-                 or platform.machine(),
-                 "torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
-                 "cpu_count": os.cpu_count(), "profile": "tiny" if args.tiny else "full",
-                 "config": dataclasses.asdict(config), "argv": list(argv) if argv is not None else sys.argv[1:],
-                 "init": "random (no weights: throughput only)", "wall_s": time.perf_counter() - started},
-        "stages": results,
-        "projections": projections(results, config),
-    }
-    table = markdown(report)
-    atomic_write_text(os.path.join(args.out, "gpu_suite.json"), json.dumps(report, indent=1, default=str) + "\n")
-    atomic_write_text(os.path.join(args.out, "gpu_suite.md"), table)
-    print(table, flush=True)
+            # Written after every stage, so a run killed at its time limit still leaves its numbers.
+            report = write_report(args.out, meta, suite.results, config, started,
+                                  complete=name == names[-1])
+    print(markdown(report), flush=True)
+    return report
+
+
+def write_report(out: str, meta: Mapping[str, Any], results: Mapping[str, Any], config: SuiteConfig,
+                 started: float, complete: bool) -> dict[str, Any]:
+    """``<out>/gpu_suite.json`` and ``<out>/gpu_suite.md`` from the stages measured so far."""
+    report = {"meta": {**meta, "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                       "wall_s": time.perf_counter() - started, "complete": complete},
+              "stages": dict(results), "projections": projections(results, config)}
+    atomic_write_text(os.path.join(out, "gpu_suite.json"), json.dumps(report, indent=1, default=str) + "\n")
+    atomic_write_text(os.path.join(out, "gpu_suite.md"), markdown(report))
     return report
 
 
