@@ -58,11 +58,11 @@ is then one image per GPU, so the 8-GPU figures are an upper bound on the speed-
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import gc
 import json
-import math
 import os
 import platform
 import shutil
@@ -72,9 +72,10 @@ import sys
 import tempfile
 import time
 import traceback
+import warnings
 from multiprocessing import get_context
 from types import SimpleNamespace
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -84,6 +85,7 @@ from bench.dense_rw_baseline import dense_random_walk
 from network.affinity import AffinityNet, affinity_loss
 from network.avc import AVCNet, avc_training_losses
 from network.deeplab import DEEPLAB_BN_MOMENTUM, DeepLabV1
+from test_deeplab import multiscale_views, predict_probabilities
 from tool.cam import cam_dict_from, fuse_cams, seed_from_cam_dict
 from tool.contract import HIGH_ALPHA, IGNORE_LABEL, LOW_ALPHA
 from tool.crf import write_crf_dicts
@@ -94,6 +96,8 @@ from tool.fileio import (atomic_write_text, read_label_png, read_rgb_image, save
                          save_rgb_image)
 from tool.multiscale import forward_views
 from tool.random_walk import padded_size, random_walk, random_walk_labels, rw_scores_from_cam_dict
+from train_deeplab import HSV_SHIFT, SCALE_RANGE, segmentation_loss
+from train_deeplab import build_model as build_deeplab
 from tool.training import EpochBatchSampler, build_trainer, images_to_device, make_loader, unwrap_model
 from tool import transforms as T
 from voc12.affinity_dataset import AffinityDataset
@@ -279,8 +283,29 @@ def train_rates(suite: Suite, trainer, batches: list, forward_loss: Callable[[An
     half = suite.config.budget_s / 2
     trained = suite.measure(with_trainer, half)
     raw = suite.measure(plain, half, warmup=1)
-    return {"rate": trained["rate"], "unit": "images/s", "steps": trained["iterations"],
-            "rate_without_trainer": raw["rate"], "trainer_cost": raw["rate"] / trained["rate"] - 1.0}
+    result = {"rate": trained["rate"], "unit": "images/s", "steps": trained["iterations"],
+              "rate_without_trainer": raw["rate"], "trainer_cost": raw["rate"] / trained["rate"] - 1.0}
+    if suite.cuda:
+        result["host_syncs_per_step"] = count_host_syncs(with_trainer)
+        result["host_syncs_per_step_without_trainer"] = count_host_syncs(plain)
+    return result
+
+
+def count_host_syncs(step: Callable[[], Any]) -> int:
+    """How many times one call of ``step`` makes the host wait for the GPU (CUDA only).
+
+    ``torch.cuda.set_sync_debug_mode('warn')`` warns at every synchronising CUDA call (a
+    ``.item()``, ``.tolist()``, a blocking copy); the warnings of one step are counted.
+    """
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(warning.message).lower() for warning in caught)
 
 
 # --------------------------------------------------------------------------- stages
@@ -369,7 +394,8 @@ def stage_cam_guard(suite: Suite) -> dict[str, Any]:
     for item in seed_items(suite)[:4]:
         hw = item["image"].shape[:2]
         label = item["label"].numpy()
-        fp32 = forward_views(class_cams, item["views"], hw, device=suite.device, amp=False)
+        with full_float32():
+            fp32 = forward_views(class_cams, item["views"], hw, device=suite.device, amp=False)
         if suite.cuda:
             bf16 = forward_views(class_cams, item["views"], hw, device=suite.device, amp=True)
         else:
@@ -388,7 +414,19 @@ def stage_cam_guard(suite: Suite) -> dict[str, Any]:
     return {"rate": None, "unit": "", "raw_cam_max_abs_diff": raw_diff, "raw_cam_max_abs": raw_scale,
             "fused_cam_max_abs_diff": fused_diff, "argmax_agreement": argmax_same / argmax_total,
             "seed_agreement": seed_same / seed_total,
-            "autocast": "cuda bf16 (pipeline path)" if suite.cuda else "cpu bf16 (explicit)"}
+            "autocast": "cuda bf16 (pipeline path)" if suite.cuda else "cpu bf16 (explicit)",
+            "reference": "float32, TF32 off"}
+
+
+@contextlib.contextmanager
+def full_float32() -> Iterator[None]:
+    """No TF32 in the block (cuDNN convolutions use it by default on CUDA): a true float32 reference."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 def seed_rate(suite: Suite, with_crf: bool) -> dict[str, Any]:
@@ -441,6 +479,8 @@ def seed_rate(suite: Suite, with_crf: bool) -> dict[str, Any]:
             pool.join()
     result = {"rate": measured["items"] / seconds, "unit": "images/s", "images": measured["items"],
               "views": 2 * len(SEED_SCALES)}
+    if suite.cuda and pool is None:
+        result["host_syncs_per_image"] = count_host_syncs(one_image)
     if with_crf:
         result["crf_processes"] = workers if pool is not None else "inline"
     return result
@@ -553,8 +593,6 @@ def stage_random_walk(suite: Suite) -> dict[str, Any]:
 
 
 def stage_deeplab_train(suite: Suite) -> dict[str, Any]:
-    from train_deeplab import HSV_SHIFT, SCALE_RANGE, segmentation_loss
-
     config = suite.config
     torch.manual_seed(0)
     dataset = SegmentationDataset(suite.info, suite.ids, label_dir=None, crop_size=config.crop,
@@ -580,8 +618,6 @@ def stage_deeplab_train(suite: Suite) -> dict[str, Any]:
 
 
 def stage_deeplab_test(suite: Suite) -> dict[str, Any]:
-    from test_deeplab import multiscale_views, predict_probabilities
-
     torch.manual_seed(0)
     model = eval_model(DeepLabV1(num_classes=NUM_CLASSES, width_mult=suite.config.width), suite)
     images = [read_rgb_image(suite.info.image_path(image_id)) for image_id in suite.ids]
@@ -652,8 +688,6 @@ def run_torchrun(suite: Suite, nproc: int, use_cuda: bool, result_path: str) -> 
 
 def ddp_worker(result_path: str, width: float, crop: int, batch: int, use_cuda: bool) -> None:
     """One torchrun rank: 2 AVC steps and 1 DeepLab (SyncBatchNorm on CUDA) step; ranks must agree."""
-    from train_deeplab import build_model as build_deeplab, segmentation_loss
-
     dist = setup_distributed(use_cuda=use_cuda)
     try:
         work_dir = tempfile.mkdtemp(prefix="gpu_suite_ddp_")
@@ -781,15 +815,16 @@ def _number(value: Any, digits: int = 3) -> str:
     return str(value)
 
 
-STAGE_DETAILS = ("rate_without_trainer", "trainer_cost", "input_channels_last", "model_channels_last",
+STAGE_DETAILS = ("rate_without_trainer", "trainer_cost", "host_syncs_per_step", "host_syncs_per_step_without_trainer",
+                 "host_syncs_per_image", "input_channels_last", "model_channels_last",
                  "num_workers", "crf_processes", "raw_cam_max_abs_diff", "raw_cam_max_abs",
                  "fused_cam_max_abs_diff", "argmax_agreement", "seed_agreement", "grid",
                  "affinity_graph_s_per_image", "sparse_device_s_per_image", "sparse_cpu_s_per_image",
                  "dense_device_s_per_image", "dense_cpu_s_per_image", "sparse_cpu_over_device",
                  "dense_device_over_sparse_device", "dense_cpu_over_sparse_device",
                  "sparse_device_vs_cpu_label_agreement", "dense_device_label_agreement",
-                 "dense_cpu_label_agreement", "sparse_device_peak_gpu_mib", "dense_device_peak_gpu_mib", "dense", "processes", "backend", "ranks_agree",
-                 "sync_batchnorm", "attempts_failed", "error")
+                 "dense_cpu_label_agreement", "sparse_device_peak_gpu_mib", "dense_device_peak_gpu_mib", "dense",
+                 "processes", "backend", "ranks_agree", "sync_batchnorm", "attempts_failed", "error")
 
 
 def markdown(report: Mapping[str, Any]) -> str:
