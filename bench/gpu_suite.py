@@ -848,6 +848,11 @@ def markdown(report: Mapping[str, Any]) -> str:
         lines.append(f"| {row['what']} | {row['images']} | {_number(row.get('minutes_1_gpu', '-'))} | "
                      f"{_number(row.get('minutes_8_gpus', '-'))} | {goal} |")
     lines.append("")
+    loader, train = results.get("avc_loader", {}), results.get("avc_train", {})
+    if loader.get("rate") and train.get("rate"):
+        verdict = "keeps up with" if loader["rate"] >= train["rate"] else "STARVES"
+        lines.append(f"Data: the AVC loader delivers {_number(loader['rate'])} images/s with "
+                     f"{loader['num_workers']} workers; it {verdict} training at {_number(train['rate'])} images/s.")
     for row in report["projections"]:
         if "goal_minutes_1_gpu" in row or PROJECTIONS[row["what"]][2] is not None:
             goal = PROJECTIONS[row["what"]][2]
