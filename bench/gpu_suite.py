@@ -340,7 +340,8 @@ def stage_avc_train(suite: Suite) -> dict[str, Any]:
 
 def stage_avc_loader(suite: Suite) -> dict[str, Any]:
     config = suite.config
-    ids = (suite.ids * (1 + 64 * config.avc_batch // len(suite.ids)))
+    # A long epoch (as train_aug's 1322 batches), so worker start-up at each epoch weighs as little as there.
+    ids = suite.ids * (1 + 4096 // len(suite.ids))
     dataset = ClassificationDataset(suite.info, ids, suite.cls_labels, crop_size=config.crop,
                                     resize_long=(config.crop, round(config.crop * 768 / 448)), seed=0)
     sampler = EpochBatchSampler(len(dataset), config.avc_batch, seed=0)
