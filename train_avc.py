@@ -84,7 +84,7 @@ def run(args: argparse.Namespace) -> AVCNet:
         model.train()
         for _ in trainer.epochs(sampler):
             for _, images, labels in trainer.progress(make_loader(dataset, sampler, args.num_workers)):
-                images, labels = trainer.images_to_device(images), labels.to(dist.device)
+                images, labels = trainer.images_to_device(images), labels.to(dist.device, non_blocking=True)
                 with trainer.autocast():
                     terms = avc_training_losses(model, images, labels, scale=args.view_scale, weights=weights)
                 total = terms.pop("total")
