@@ -630,6 +630,7 @@ def build_trainer(model: nn.Module, num_samples: int, args: argparse.Namespace, 
     unless ``--resume`` or ``--overwrite`` says what to do with it (see :func:`check_new_run`).
     """
     start_over = check_new_run(args)
+    barrier()  # every rank has looked before rank 0 creates this run's files
     optimizer = make_sgd(parameter_groups(model, args.lr, args.wt_dec), momentum=args.momentum)
     model = prepare_model(model, dist)
     sampler = EpochBatchSampler(num_samples, args.batch_size, seed=args.seed,
