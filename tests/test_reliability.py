@@ -3,7 +3,6 @@ failure is one line (exit 2), a failed rerun keeps the training history, bad lis
 are refused before compute, outputs get the umask's mode."""
 from __future__ import annotations
 
-import argparse
 import errno
 import json
 import os
@@ -23,7 +22,7 @@ from network.weights import load_trained
 from tests import helpers_toy_train
 from tool.cli import main_exit_code
 from tool.datasets import get_dataset_info
-from tool.fileio import (DataError, atomic_write_text, check_images_decode, load_score_dict, read_id_list,
+from tool.fileio import (DataError, atomic_write_text, check_images_decode, read_id_list,
                          save_npy, save_score_dict)
 from tool.pipeline import PROFILES, Context, Paths, Stage, marker_path, run_stages, stage_done, stale_stages
 from tool.distributed import setup_distributed
