@@ -35,7 +35,7 @@ from tool.contract import IGNORE_LABEL
 from tool.datasets import DatasetInfo, get_dataset_info
 from tool.distributed import DistInfo, cleanup, setup_distributed
 from tool.fileio import read_id_list
-from tool.logs import CsvLogger, setup_logging
+from tool.logs import setup_logging
 from tool.metrics import ConfusionMatrix
 from tool.multiscale import forward_views
 from tool.training import build_trainer, make_loader, seed_everything, unwrap_model
@@ -141,8 +141,8 @@ def run(args: argparse.Namespace) -> DeepLabV1:
         model = trainer.model
         val_log = None
         if dist.is_main and args.val_list:
-            val_log = CsvLogger(os.path.join(args.save_dir, f"{args.session_name}_val.csv"), ("step", "miou"))
-            val_log.drop_rows_after("step", trainer.global_step)
+            val_log = trainer.open_log(os.path.join(args.save_dir, f"{args.session_name}_val.csv"),
+                                       ("step", "miou"))
         logger.info("%d training images from %s, labels from %s; %d steps of batch %d (%d per epoch)",
                     len(dataset), train_list, args.pseudo_dir or "the ground truth", args.max_iters,
                     args.batch_size, sampler.batches_per_epoch)

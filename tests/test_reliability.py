@@ -3,7 +3,6 @@ failure is one line (exit 2), a failed rerun keeps the training history, bad lis
 are refused before compute, outputs get the umask's mode."""
 from __future__ import annotations
 
-import argparse
 import errno
 import json
 import os
@@ -23,10 +22,11 @@ from network.weights import load_trained
 from tests import helpers_toy_train
 from tool.cli import main_exit_code
 from tool.datasets import get_dataset_info
-from tool.fileio import (DataError, atomic_write_text, check_images_decode, load_score_dict, read_id_list,
+from tool.fileio import (DataError, atomic_write_text, check_images_decode, read_id_list,
                          save_npy, save_score_dict)
 from tool.pipeline import PROFILES, Context, Paths, Stage, marker_path, run_stages, stage_done, stale_stages
-from tool.training import NonFiniteLossError, load_checkpoint, read_checkpoint, save_checkpoint
+from tool.distributed import setup_distributed
+from tool.training import NonFiniteLossError, Trainer, load_checkpoint, read_checkpoint, save_checkpoint
 from voc12.data import ImageListDataset
 from voc12.prepare import prepare_voc
 from voc12.synthetic import generate_dataset
@@ -313,6 +313,25 @@ def test_a_failed_rerun_keeps_the_training_history(tmp_path, capsys):
     assert [line.split(",")[0] for line in (tmp_path / "toy_log.csv").read_text().splitlines()] == \
         ["step", "1", "2", "3"]
     capsys.readouterr()
+
+
+def test_a_second_log_of_the_run_is_kept_until_the_first_new_checkpoint(tmp_path):
+    # train_deeplab's <session>_val.csv under --overwrite: the earlier rows stay until a checkpoint.
+    val_path = tmp_path / "t_val.csv"
+    val_path.write_text("step,miou\n1,0.5\n")
+    model = nn.Sequential(nn.Conv2d(3, 2, 1))
+    model.new_layers = ("0",)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    trainer = Trainer(model, optimizer, None, setup_distributed(use_cuda=False), max_step=2, steps_per_epoch=2,
+                      loss_names=("a",), save_dir=str(tmp_path), session_name="t", start_over=True)
+    trainer.resume(None)
+    val_log = trainer.open_log(str(val_path), ("step", "miou"))
+    loss = model(torch.randn(1, 3, 4, 4)).pow(2).mean()
+    trainer.step(loss, {"a": loss})
+    val_log.log({"step": 1, "miou": "0.25"})
+    assert val_path.read_text() == "step,miou\n1,0.5\n"                   # not yet replaced
+    trainer.save_last()
+    assert val_path.read_text().splitlines() == ["step,miou", "1,0.25"]
 
 
 # --------------------------------------------------------------------------- 6. lists, labels, images, modes

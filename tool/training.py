@@ -457,6 +457,8 @@ class Trainer:
         self._saved_step = -1
         self._bar: tqdm | None = None
         self._csv: CsvLogger | None = None
+        self._start_over = start_over
+        self._extra_logs: list[CsvLogger] = []
         if dist.is_main:
             os.makedirs(save_dir, exist_ok=True)
             # start_over: an earlier run's log stays untouched until this run's first checkpoint.
@@ -510,8 +512,17 @@ class Trainer:
                             scheduler=self.scheduler)
         except NonFiniteLossError as error:
             raise NonFiniteLossError(f"{error}; training stopped, {self.last_good()}") from None
-        if self._csv is not None:
-            self._csv.commit()
+        for log in ([self._csv] if self._csv is not None else []) + self._extra_logs:
+            log.commit()
+
+    def open_log(self, path: str, fieldnames: Sequence[str]) -> CsvLogger:
+        """Another CSV log of this run (e.g. validation), kept like the main one: continued on
+        resume (rows past the checkpoint dropped), held back under --overwrite until the first
+        checkpoint. Call after :meth:`resume`, on the main rank."""
+        log = CsvLogger(path, fieldnames, start_over=self._start_over and self._saved_step < 0)
+        log.drop_rows_after("step", self.global_step)
+        self._extra_logs.append(log)
+        return log
 
     def last_good(self) -> str:
         """Which checkpoint holds the last good state (for the NaN guard's message)."""
@@ -630,6 +641,7 @@ def build_trainer(model: nn.Module, num_samples: int, args: argparse.Namespace, 
     unless ``--resume`` or ``--overwrite`` says what to do with it (see :func:`check_new_run`).
     """
     start_over = check_new_run(args)
+    barrier()  # every rank has looked before rank 0 creates this run's files
     optimizer = make_sgd(parameter_groups(model, args.lr, args.wt_dec), momentum=args.momentum)
     model = prepare_model(model, dist)
     sampler = EpochBatchSampler(num_samples, args.batch_size, seed=args.seed,
