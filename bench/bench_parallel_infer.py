@@ -125,7 +125,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                            cwd=REPO, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         print(f"{args.num_images} synthetic images {args.image_size} px, width {args.width_mult}, {cores} cores, "
               f"min of {args.repeats} alternating runs")
-        print("| stage | reference way: wall s (CPU util) | ours: wall s (CPU util) | ours / reference | "
+        print("| stage | reference way: wall s (CPU s, util) | ours: wall s (CPU s, util) | ours / reference | "
               "load (1 min) during the runs | outputs |")
         print("|---|---|---|---|---|---|")
         for stage in args.stages:
@@ -138,7 +138,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                     loads.append(os.getloadavg()[0])
                     runs[way].append(timed_run(command(stage, way, stage_flags(stage, paths, out, args.num_workers))))
             best = {way: min(times) for way, times in runs.items()}
-            cells = [f"{wall:.2f} ({cpu / wall:.2f})" for wall, cpu in best.values()]
+            cells = [f"{wall:.2f} ({cpu:.1f} CPU s, {cpu / wall:.2f})" for wall, cpu in best.values()]
             ratio = best["ours"][0] / best["reference"][0]
             agreement = compare_outputs(stage, os.path.join(work, stage, "reference"), os.path.join(work, stage, "ours"))
             print(f"| {stage} | {cells[0]} | {cells[1]} | **{ratio:.2f}** | "

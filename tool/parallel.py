@@ -18,7 +18,7 @@ DataLoader, consecutive images whose views have the same shapes share one forwar
 per-image finish (CRF, writing) runs in the worker processes, off the device's critical path.
 
 The cores come from ``os.sched_getaffinity`` (what this process may run on, not the machine's
-count), divided among torchrun's local ranks; ``--threads`` (``tool.cli.add_threads_arg``) caps
+count), divided among torchrun's local ranks; ``--threads`` (``tool.cli.add_parallel_args``) caps
 them for a shared machine.
 """
 from __future__ import annotations
