@@ -85,7 +85,7 @@ from bench.dense_rw_baseline import dense_random_walk
 from network.affinity import AffinityNet, affinity_loss
 from network.avc import AVCNet, avc_training_losses
 from network.deeplab import DEEPLAB_BN_MOMENTUM, DeepLabV1
-from test_deeplab import multiscale_views, predict_probabilities
+from test_deeplab import DEFAULT_SCALES as DEEPLAB_TEST_SCALES, multiscale_views, predict_probabilities
 from tool.cam import cam_dict_from, fuse_cams, seed_from_cam_dict
 from tool.contract import HIGH_ALPHA, IGNORE_LABEL, LOW_ALPHA
 from tool.crf import write_crf_dicts
@@ -114,7 +114,7 @@ DEEPLAB_ITERS = 20000
 GOAL_AVC_TRAIN_MIN = 20.0
 GOAL_SEED_TRAIN_MIN = 2.0
 SEED_SCALES = (0.5, 1.0, 1.5, 2.0)
-DEEPLAB_TEST_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)  # test_deeplab.DEFAULT_SCALES
+RW_ALPHA = 6.0  # the VOC command's infer_aff.py --alpha (beta 8, logt 8: random_walk's defaults)
 NUM_CLASSES = 20
 
 
@@ -135,17 +135,22 @@ class SuiteConfig:
     num_workers: int
     ddp_timeout_s: float
     max_dense_nodes: int
+    threads: int | None  # torch CPU threads (None: torch's default)
 
 
 PROFILES: dict[str, dict[str, Any]] = {
     # VOC-sized images, ResNet38 at width 1.0, the published crops and batches.
     "full": dict(width=1.0, image_hw=(375, 500), crop=448, avc_batch=8, aff_batch=8, deeplab_batch=10,
                  num_images=8, warmup=2, budget_s=20.0, deadline_s=360.0,
-                 num_workers=min(8, os.cpu_count() or 1), ddp_timeout_s=90.0, max_dense_nodes=12000),
+                 num_workers=min(8, os.cpu_count() or 1), ddp_timeout_s=90.0, max_dense_nodes=12000,
+                 threads=None),
     # The same code at sizes the 2-core CPU runs in seconds (the test suite's run).
     "tiny": dict(width=0.0625, image_hw=(48, 64), crop=48, avc_batch=2, aff_batch=2, deeplab_batch=2,
-                 num_images=2, warmup=1, budget_s=0.2, deadline_s=120.0, num_workers=0,
-                 ddp_timeout_s=120.0, max_dense_nodes=12000),
+                 num_images=2, warmup=1, budget_s=0.2, deadline_s=600.0, num_workers=0,
+                 ddp_timeout_s=180.0, max_dense_nodes=12000,
+                 # One thread: at these sizes more threads only wait at barriers, and on a busy
+                 # 2-core machine they made a 1-second stage take 50.
+                 threads=1),
 }
 
 
@@ -522,7 +527,6 @@ def stage_random_walk(suite: Suite) -> dict[str, Any]:
     """Seconds per image: AffinityNet graph, sparse walk on GPU and CPU, dense matrix power."""
     torch.manual_seed(0)
     model = eval_model(AffinityNet(width_mult=suite.config.width, radius=5), suite)
-    cpu = torch.device("cpu")
     cases = []
     for image_id in suite.ids[:2]:
         image = T.normalize(read_rgb_image(suite.info.image_path(image_id)))
@@ -535,10 +539,6 @@ def stage_random_walk(suite: Suite) -> dict[str, Any]:
         cases.append((torch.from_numpy(T.hwc_to_chw(padded))[None], cam_dict, hw))
     counter = {"index": 0}
 
-    def next_case() -> tuple:
-        counter["index"] += 1
-        return cases[counter["index"] % len(cases)]
-
     def graph_of(case: tuple):
         with torch.inference_mode():
             return model.affinity_graph(images_to_device(case[0], suite.device))
@@ -546,7 +546,7 @@ def stage_random_walk(suite: Suite) -> dict[str, Any]:
     graphs = [graph_of(case) for case in cases]
     graphs_cpu = [type(graph)(graph.weights.cpu(), graph.ind_from.cpu(), graph.ind_to.cpu(), graph.feat_hw)
                   for graph in graphs]
-    scores = [rw_scores_from_cam_dict(case[1], NUM_CLASSES, 16.0, case[2]) for case in cases]
+    scores = [rw_scores_from_cam_dict(case[1], NUM_CLASSES, RW_ALPHA, case[2]) for case in cases]
     budget = suite.config.budget_s / 5
     result: dict[str, Any] = {"rate": None, "unit": "", "nodes": graphs[0].num_nodes,
                               "grid": list(graphs[0].feat_hw)}
@@ -771,7 +771,7 @@ def run_stage(suite: Suite, name: str) -> dict[str, Any]:
     """One stage with its peak GPU memory and wall time; a failure is recorded, not raised."""
     left = suite.config.deadline_s - suite.elapsed()
     if left < 2 * suite.config.budget_s:
-        return {"status": "skipped", "error": f"suite deadline: {left:.0f} s left of --deadline_s"}
+        return {"status": "skipped", "error": f"suite deadline: {left:.0f} s left of --deadline_s", "wall_s": 0.0}
     gc.collect()
     if suite.cuda:
         torch.cuda.empty_cache()
@@ -877,6 +877,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="no stage starts after this many seconds of the suite (profile: 360)")
     parser.add_argument("--num_workers", type=int, default=None, help="data-loader workers and CRF processes")
     parser.add_argument("--crop", type=int, default=None, help="training crop (profile: 448)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (profile: torch's / 1)")
     parser.add_argument("--batch", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--ddp_worker", default=None, help=argparse.SUPPRESS)
     return parser
@@ -884,7 +885,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from(args: argparse.Namespace) -> SuiteConfig:
     values = dict(PROFILES["tiny" if args.tiny else "full"])
-    for flag in ("width", "budget_s", "warmup", "deadline_s", "num_workers", "crop"):
+    for flag in ("width", "budget_s", "warmup", "deadline_s", "num_workers", "crop", "threads"):
         if getattr(args, flag) is not None:
             values[flag] = getattr(args, flag)
     return SuiteConfig(**values)
@@ -914,7 +915,10 @@ def run_suite(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
             "cpu_count": os.cpu_count(), "profile": "tiny" if args.tiny else "full",
             "config": dataclasses.asdict(config), "argv": list(argv) if argv is not None else sys.argv[1:],
             "init": "random (no weights: throughput only)"}
-    with tempfile.TemporaryDirectory(prefix="gpu_suite_") as work_dir:
+    threads = torch.get_num_threads()
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    with tempfile.TemporaryDirectory(prefix="gpu_suite_") as work_dir, restore_threads(threads):
         suite = Suite(config, device, work_dir)
         print(f"gpu suite: device {device}, width {config.width}, images {config.image_hw}, "
               f"budget {config.budget_s} s per measurement; data ready in {suite.elapsed():.1f} s", flush=True)
@@ -928,6 +932,15 @@ def run_suite(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
                                   complete=name == names[-1])
     print(markdown(report), flush=True)
     return report
+
+
+@contextlib.contextmanager
+def restore_threads(threads: int) -> Iterator[None]:
+    """Give torch back its CPU thread count (the suite may run inside another program, e.g. the tests)."""
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def write_report(out: str, meta: Mapping[str, Any], results: Mapping[str, Any], config: SuiteConfig,
