@@ -15,7 +15,6 @@ None ever loads with ``strict=False`` silently: a missing key or a shape conflic
 from __future__ import annotations
 
 import os
-import pickle
 import struct
 from typing import BinaryIO, Callable, Dict, List, Mapping, NamedTuple, Tuple
 
@@ -190,18 +189,10 @@ def _strip_wrapper_prefixes(state: Mapping[str, torch.Tensor]) -> Dict[str, torc
 
 
 def _torch_load(path: str):
-    """``torch.load`` on CPU; the full unpickler only where the safe one refuses the content."""
+    """``torch.load`` on CPU with the safe unpickler (our checkpoints hold only plain data)."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises many types on a corrupt file
-        refused = (isinstance(error, pickle.UnpicklingError)
-                   and "weights only load failed" in str(error).lower())
-        if not refused:
-            raise DataError(f"{path}: cannot read weights ({error})") from error
-    # Our checkpoints may hold optimiser/RNG state that the safe unpickler refuses.
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as error:  # any unpickling failure means a bad file
+    except Exception as error:  # torch raises many types on a corrupt or foreign file
         raise DataError(f"{path}: cannot read weights ({error})") from error
 
 
@@ -224,15 +215,17 @@ def _saved_args(loaded: object) -> Dict[str, object]:
 def read_state_dict(path: str) -> Dict[str, torch.Tensor]:
     """State dict from a ``.params`` file (mapped to ResNet38 names) or a ``.pth`` file.
 
-    ``.pth`` may be a bare state dict (PSA/SEAM releases) or our checkpoint (a dict with a
-    ``'model'`` entry); ``module.`` prefixes are removed.
+    ``.pth`` may be a bare state dict (PSA/SEAM releases), a SIPE/AE-SIPE release
+    (``{'net': state_dict}``) or our checkpoint (a dict with a ``'model'`` entry); ``module.``
+    prefixes are removed.
     """
     return _state_dict_of(_read_weights_file(path), path)
 
 
 def _state_dict_of(loaded: object, path: str) -> Dict[str, torch.Tensor]:
     if isinstance(loaded, Mapping):
-        for wrapper_key in ("model", "state_dict"):
+        # ours: 'model'; SIPE/AE-SIPE/IRN releases: 'net'; others: 'state_dict'.
+        for wrapper_key in ("model", "net", "state_dict"):
             if wrapper_key in loaded and isinstance(loaded[wrapper_key], Mapping):
                 loaded = loaded[wrapper_key]
                 break
@@ -347,7 +340,10 @@ def _load_strictly(model: nn.Module, file_state: Dict[str, torch.Tensor], path: 
         if conflict:
             message.append(f"first shape conflict: {conflict}")
         raise DataError("; ".join(message))
-    target.load_state_dict(file_state, strict=True)
+    try:
+        target.load_state_dict(file_state, strict=True)
+    except ValueError as error:  # a model's own load check (SIPE's aliases, PAMR's fixed kernels)
+        raise DataError(f"{path}: {error}") from error
 
 
 # ------------------------------------------------------------------ shared by the stage scripts
