@@ -220,6 +220,7 @@ def test_unreadable_pth_raises_data_error(tmp_path: Path) -> None:
     torch.save([1, 2, 3], tmp_path / "list.pth")
     with pytest.raises(DataError, match="not a state dict"):
         load_trained(TinyHeadNet(), str(tmp_path / "list.pth"))
-    torch.save({"model": TinyHeadNet().state_dict(), "rng": np.random.default_rng(0).bit_generator.state,
-                "numpy": np.zeros(2)}, tmp_path / "with_numpy.pth")
-    load_trained(TinyHeadNet(), str(tmp_path / "with_numpy.pth"))
+    # Only the safe unpickler reads weights (no weights_only=False fallback): arbitrary objects are refused.
+    torch.save({"model": TinyHeadNet().state_dict(), "numpy": np.zeros(2)}, tmp_path / "with_numpy.pth")
+    with pytest.raises(DataError, match="cannot read weights"):
+        load_trained(TinyHeadNet(), str(tmp_path / "with_numpy.pth"))
