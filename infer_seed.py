@@ -1,4 +1,4 @@
-"""Stage 2: seeds from the trained AVC classifier (multi-scale + flip PCM CAMs).
+"""Stage 2: seeds from a trained seed classifier (multi-scale + flip CAMs, as its method fuses them).
 
     python infer_seed.py --weights checkpoints/resnet38_avc.pth --voc12_root VOC2012 \
         --infer_list VOC2012/train.txt --out_cam out/cam --out_crf out/crf --out_cam_pred out/seed
@@ -9,6 +9,13 @@ Outputs, in SEAM's formats (``tool/contract.py``): CAM dicts ``<out_cam>/<id>.np
 with ``--out_vis``, CAM overlays and a PCM affinity picture per image. Images whose outputs
 all exist are skipped, so an interrupted run resumes. ``--shard K/N`` or ``torchrun`` split the
 list; the CRF runs in a process pool beside the network.
+
+The method (network/methods.py), backbone and width come from the checkpoint; ``--method`` is
+only needed for files that do not record it (a released SIPE/AE-SIPE ``{'net': ...}`` file),
+and one that contradicts the checkpoint is refused. SIPE/AE-SIPE: the IS-CAMs of scales
+1, 0.5, 1.5, 2 (with flip) are summed and max-normalised; the CAM dicts hold its foreground
+channels, the seed PNG is the arg-max with SIPE's own background channel, and ``--out_is_cam``
+writes the reference's ``{'keys', 'IS_CAM'}`` dicts for SIPE's own later steps.
 """
 from __future__ import annotations
 
@@ -23,18 +30,17 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from network.avc import AVCNet
-from network.weights import load_for_inference
-from tool.cam import cam_dict_from, fuse_cams, seed_from_cam_dict
+from network.methods import METHODS, SeedMethod, build_network, image_cams
+from network.weights import load_for_inference, read_weights, saved_args
+from tool.cam import labels_from_scores, seed_from_cam_dict
 from tool.cli import (add_dataset_args, add_inference_model_args, add_shard_args, non_negative_int,
                       positive_float, run_cli, shard_list)
 from tool.contract import HIGH_ALPHA, LOW_ALPHA, crf_dir
 from tool.crf import write_crf_dicts
 from tool.datasets import get_dataset_info
 from tool.distributed import cleanup, setup_distributed
-from tool.fileio import pending_ids, read_id_list, save_npy, save_palette_png, save_rgb_image
+from tool.fileio import DataError, pending_ids, read_id_list, save_npy, save_palette_png, save_rgb_image
 from tool.logs import save_config, setup_logging
-from tool.multiscale import forward_views
 from tool.vis import affinity_matrix_picture, cam_overlay, label_overlay, tile_row
 from voc12.data import MultiScaleDataset, collate_single
 
@@ -45,11 +51,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_dataset_args(parser)
     add_shard_args(parser)
-    parser.add_argument("--weights", required=True, help="trained AVC/SEAM classifier (.pth)")
+    parser.add_argument("--weights", required=True, help="trained seed classifier (.pth)")
+    parser.add_argument("--method", choices=tuple(METHODS), default=None,
+                        help="seed method, for checkpoints that do not record it (default: the "
+                             "checkpoint's, else avc)")
     add_inference_model_args(parser)
     parser.add_argument("--infer_list", default=None, help="image ids (default: <root>/train.txt)")
-    parser.add_argument("--scales", type=positive_float, nargs="+", default=(0.5, 1.0, 1.5, 2.0))
+    parser.add_argument("--scales", type=positive_float, nargs="+", default=None,
+                        help="inference scales (default: the method's; SEAM 0.5 1 1.5 2, SIPE 1 0.5 1.5 2)")
     parser.add_argument("--out_cam", default=None, help="folder for the CAM dicts (.npy)")
+    parser.add_argument("--out_is_cam", default=None,
+                        help="SIPE/AE-SIPE: folder for the reference's {'keys', 'IS_CAM'} dicts (.npy)")
     parser.add_argument("--out_cam_pred", default=None, help="folder for the seed PNGs")
     parser.add_argument("--out_cam_pred_alpha", type=float, default=0.26,
                         help="background score of the seed PNGs (SEAM: 0.26; take the best "
@@ -67,8 +79,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--log_dir", default=None, help="where the run's configuration and log go "
                                                         "(default: the first output folder)")
     args = parser.parse_args(argv)
-    if not (args.out_cam or args.out_cam_pred or args.out_crf or args.out_vis):
-        parser.error("nothing to write: give at least one of --out_cam --out_cam_pred --out_crf --out_vis")
+    if not (args.out_cam or args.out_cam_pred or args.out_crf or args.out_vis or args.out_is_cam):
+        parser.error("nothing to write: give at least one of --out_cam --out_cam_pred --out_crf --out_vis "
+                     "--out_is_cam")
     return args
 
 
@@ -83,14 +96,30 @@ def output_paths(args: argparse.Namespace, image_id: str) -> list[str]:
         paths += [os.path.join(crf_dir(args.out_crf, alpha), f"{image_id}.npy") for alpha in args.crf_alphas]
     if args.out_vis:
         paths.append(os.path.join(args.out_vis, f"{image_id}.jpg"))
+    if args.out_is_cam:
+        paths.append(os.path.join(args.out_is_cam, f"{image_id}.npy"))
     return paths
 
 
-def visualise(model: AVCNet, item: dict, cam_dict: dict, seed: np.ndarray, device: torch.device) -> np.ndarray:
-    """CAM overlays, the seed, and the PCM affinity of the unflipped scale-1 view sorted by seed class."""
+def resolve_method(flag: str | None, saved: dict, weights: str) -> SeedMethod:
+    """The checkpoint's method; ``flag`` for files without one (default avc); a contradiction is an error."""
+    recorded = saved.get("method")
+    if recorded is not None and recorded not in METHODS:
+        raise DataError(f"{weights}: trained with seed method {recorded!r}, which this version does not know "
+                        f"(known: {', '.join(METHODS)})")
+    if flag is not None and recorded is not None and flag != recorded:
+        raise DataError(f"{weights}: trained with --method {recorded}, but --method {flag} was given")
+    return METHODS[recorded or flag or "avc"]
+
+
+def visualise(model: torch.nn.Module, item: dict, cam_dict: dict, seed: np.ndarray, device: torch.device,
+              affinity: bool = True) -> np.ndarray:
+    """CAM overlays, the seed, and (AVC/SEAM) the PCM affinity of the unflipped scale-1 view sorted by seed class."""
     image = item["image"]
     pictures = [image] + [cam_overlay(image, cam_dict[key]) for key in sorted(cam_dict)]
     pictures.append(label_overlay(image, seed))
+    if not affinity:
+        return tile_row(pictures)
     view = item["views"][min(range(len(item["views"])),
                              key=lambda index: abs(item["views"][index].shape[-1] - image.shape[1]))]
     with torch.inference_mode():
@@ -106,7 +135,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     dist = setup_distributed()
     try:
-        log_dir = args.log_dir or next(p for p in (args.out_cam, args.out_cam_pred, args.out_crf, args.out_vis) if p)
+        log_dir = args.log_dir or next(p for p in (args.out_cam, args.out_cam_pred, args.out_crf, args.out_vis,
+                                                   args.out_is_cam) if p)
         setup_logging(os.path.join(log_dir, "infer_seed.log"), dist.is_main)
         if dist.is_main:
             save_config(args, os.path.join(log_dir, "infer_seed_config.json"))
@@ -117,12 +147,17 @@ def main(argv: Sequence[str] | None = None) -> None:
         logger.info("%d of %d images to do (%d already done)", len(todo), len(ids), len(ids) - len(todo))
         if not todo:
             return
-        dataset = MultiScaleDataset(info, todo, info.load_cls_labels(), scales=args.scales, source=infer_list)
-        model = load_for_inference(lambda width: AVCNet(num_classes=info.num_classes, width_mult=width),
-                                   args.weights, args.width_mult, dist.device)
-
-        def class_cams(batch: torch.Tensor) -> torch.Tensor:
-            return model.forward_cam(batch)[:, 1:]  # drop the background channel, as SEAM
+        loaded = read_weights(args.weights)
+        saved = saved_args(loaded)
+        method = resolve_method(args.method, saved, args.weights)
+        if args.out_is_cam and method.fusion != "sipe":
+            raise DataError(f"{args.weights}: --out_is_cam needs a SIPE-family checkpoint, this is {method.name}")
+        backbone = saved.get("backbone") or method.backbones[0]
+        model = load_for_inference(lambda width: build_network(method, info.num_classes, backbone, width),
+                                   args.weights, args.width_mult, dist.device, loaded=loaded)
+        logger.info("%s (%s) from %s", method.name, backbone, args.weights)
+        dataset = MultiScaleDataset(info, todo, info.load_cls_labels(), scales=args.scales or method.scales,
+                                    source=infer_list)
 
         loader = torch.utils.data.DataLoader(dataset, batch_size=1, collate_fn=collate_single,
                                              num_workers=args.num_workers)
@@ -130,18 +165,22 @@ def main(argv: Sequence[str] | None = None) -> None:
         pending = []
         for item in tqdm(loader, desc="seeds", disable=not dist.is_main, dynamic_ncols=True):
             image_id, image, label = item["id"], item["image"], item["label"].numpy()
-            view_cams = forward_views(class_cams, item["views"], image.shape[:2], align_corners=False,
-                                      device=dist.device)
-            norm_cam = fuse_cams(view_cams.float().cpu().numpy(), label, clip=not args.seam_cam_norm)
-            cam_dict = cam_dict_from(norm_cam, label)
-            seed = seed_from_cam_dict(cam_dict, info.num_classes, args.out_cam_pred_alpha, image.shape[:2])
+            cams = image_cams(method, model, item["views"], label, image.shape[:2], dist.device,
+                              seam_cam_norm=args.seam_cam_norm)
+            cam_dict = cams.cam_dict
+            if cams.is_cam is not None:  # SIPE: the arg-max with its own background channel
+                seed = labels_from_scores(cams.keys.tolist(), cams.is_cam)
+            else:
+                seed = seed_from_cam_dict(cam_dict, info.num_classes, args.out_cam_pred_alpha, image.shape[:2])
             if args.out_cam:
                 save_npy(os.path.join(args.out_cam, f"{image_id}.npy"), cam_dict)
+            if args.out_is_cam:
+                save_npy(os.path.join(args.out_is_cam, f"{image_id}.npy"), {"keys": cams.keys, "IS_CAM": cams.is_cam})
             if args.out_cam_pred:
                 save_palette_png(os.path.join(args.out_cam_pred, f"{image_id}.png"), seed)
             if args.out_vis:
                 save_rgb_image(os.path.join(args.out_vis, f"{image_id}.jpg"),
-                               visualise(model, item, cam_dict, seed, dist.device))
+                               visualise(model, item, cam_dict, seed, dist.device, affinity=method.fusion == "seam"))
             if args.out_crf:
                 crf_args = (image, cam_dict, image_id, args.out_crf, args.crf_alphas)
                 if crf_pool is None:

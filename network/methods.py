@@ -32,11 +32,14 @@ import argparse
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Mapping, Sequence
 
+import numpy as np
 import torch
 import torch.nn as nn
 
 from network.avc import AVCNet, avc_training_losses
-from network.sipe import SIPENet, sipe_losses, valid_mask_on_grid
+from network.sipe import SIPENet, sipe_image_cams, sipe_losses, valid_mask_on_grid
+from tool.cam import cam_dict_from, fuse_cams
+from tool.multiscale import forward_views
 from tool.cli import positive_float
 from tool.training import GROUP_SPECS, make_sgd, parameter_groups
 
@@ -199,6 +202,33 @@ def build_optimizer(method: SeedMethod, model: nn.Module, lr: float, weight_deca
                     momentum: float) -> torch.optim.SGD:
     """SGD over the method's parameter groups (what build_trainer makes for it)."""
     return make_sgd(parameter_groups(model, lr, weight_decay, group_specs=method.group_specs), momentum=momentum)
+
+
+@dataclass
+class ImageCams:
+    """One image's inference result: the CAM dict (0-based foreground classes, HxW in [0, 1]) and,
+    for the SIPE fusion, the reference's ``keys`` / ``IS_CAM`` (background channel first)."""
+
+    cam_dict: Dict[int, np.ndarray]
+    keys: np.ndarray | None = None
+    is_cam: np.ndarray | None = None
+
+
+def image_cams(method: SeedMethod, model: nn.Module, views: Sequence[torch.Tensor], label: np.ndarray,
+               image_hw: tuple[int, int], device: torch.device, seam_cam_norm: bool = False) -> ImageCams:
+    """Multi-scale + flip CAMs of one image, fused the way ``method.fusion`` says."""
+    if method.fusion == "sipe":
+        keys, fused = sipe_image_cams(model, views, torch.from_numpy(np.asarray(label)), image_hw, device)
+        keys, fused = keys.numpy().astype(np.int64), fused.numpy().astype(np.float32)
+        cam_dict = {int(k) - 1: np.ascontiguousarray(fused[i]) for i, k in enumerate(keys) if k > 0}
+        return ImageCams(cam_dict, keys, fused)
+
+    def class_cams(batch: torch.Tensor) -> torch.Tensor:
+        return model.forward_cam(batch)[:, 1:]  # drop the background channel, as SEAM
+
+    view_cams = forward_views(class_cams, views, image_hw, align_corners=False, device=device)
+    norm_cam = fuse_cams(view_cams.float().cpu().numpy(), label, clip=not seam_cam_norm)
+    return ImageCams(cam_dict_from(norm_cam, label))
 
 
 def method_names() -> Sequence[str]:

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from network.backbones import OUTPUT_STRIDE_16, build_backbone
 from network.layers import scaled_channels
 from tool.contract import IMAGENET_MEAN, IMAGENET_STD
+from tool.training import autocast_context, images_to_device
 
 NORM_EPS = 1e-5          # every max / L2 normalisation of the reference
 BACKGROUND_IOU_FACTOR = 0.5
@@ -229,6 +230,13 @@ class SIPENet(nn.Module):
             self._aff = PAMR()
         self._register_load_state_dict_pre_hook(self._check_aliases)
 
+    def freeze_pretrained(self) -> "SIPENet":
+        """The reference's fine-tuning set-up: FixedBatchNorm everywhere (running statistics,
+        trained gamma/beta), conv1/bn1 fixed. ``stage0`` is re-linked to the new ``bn1``."""
+        self.resnet50.freeze_pretrained(trainable_affine=True)
+        self.stage0[1] = self.resnet50.bn1
+        return self
+
     # ---- aliases
     def alias_groups(self) -> List[List[str]]:
         """State-dict keys that name one tensor (first name first), for every shared tensor."""
@@ -359,3 +367,24 @@ def fuse_is_cams(is_cams: Sequence[torch.Tensor], image_hw: Sequence[int], label
     total = total / (F.adaptive_max_pool2d(total, (1, 1)) + NORM_EPS)
     keys = torch.nonzero(label).flatten()
     return keys, total[keys]
+
+
+def sipe_image_cams(model: SIPENet, views: Sequence[torch.Tensor], label: torch.Tensor,
+                    image_hw: Sequence[int], device: torch.device, amp: bool = True
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(keys, IS_CAM)`` of one image (the reference make_cam): every view pair through
+    :meth:`SIPENet.infer_scale`, then :func:`fuse_is_cams`. ``label`` (C,) foreground multi-hot;
+    ``views``: (2, 3, h, w) image + mirror per scale. Runs in float32 after the convolutions.
+    """
+    padded = torch.cat([torch.ones(1), label.float().cpu()]).to(device)
+    is_cams = []
+    with torch.inference_mode():
+        for pair in views:
+            pair = images_to_device(pair, device)
+            with autocast_context(device, amp):
+                features = model.features(pair)
+            sides = [side.float() for side in features["sides"]]
+            raw = denormalise(pair[:1]) if model.affinity_enhanced else None
+            is_cams.append(model.infer_head(features["cam_raw"].float(), sides, padded, raw)["IS_cam"])
+    keys, fused = fuse_is_cams(is_cams, image_hw, padded)
+    return keys.cpu(), fused.cpu()

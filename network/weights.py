@@ -295,9 +295,11 @@ def load_pretrained_backbone(model: nn.Module, path: str) -> LoadReport:
             message.append(f"shape conflicts ({len(conflicts)}): {_format_keys(conflicts, 3)}")
         raise DataError("; ".join(message))
 
-    merged = dict(model_state)
-    merged.update({k: v.to(model_state[k].dtype) for k, v in values.items()})
-    model.load_state_dict(merged, strict=True)
+    # Into the backbone module itself: a model that registers it under several names (SIPE's
+    # aliases) gets the values under every name.
+    backbone_state = backbone.state_dict()
+    backbone_state.update({k[len(prefix):]: v.to(model_state[k].dtype) for k, v in values.items()})
+    backbone.load_state_dict(backbone_state, strict=True)
 
     report = LoadReport(loaded=sorted(values),
                         new_keys=[k for k in model_state if k not in values
@@ -359,19 +361,31 @@ def start_from_weights(model: nn.Module, weights: str | None) -> LoadReport | No
         print(f"{type(model).__name__}: no --weights, training from scratch (BatchNorm trains)")
         return None
     report = load_pretrained_backbone(model, weights)
-    _find_backbone(model)[1].freeze_pretrained()
+    # A model with its own freeze_pretrained (SIPE: re-links its stage aliases) does it; else the backbone.
+    (model if hasattr(model, "freeze_pretrained") else _find_backbone(model)[1]).freeze_pretrained()
     return report
 
 
+def read_weights(path: str) -> object:
+    """One read of a weight file, for :func:`saved_args` and :func:`load_for_inference`."""
+    return _read_weights_file(path)
+
+
+def saved_args(loaded: object) -> Dict[str, object]:
+    """The training flags recorded in one of our checkpoints (method, backbone, width ...); ``{}`` else."""
+    return _saved_args(loaded)
+
+
 def load_for_inference(build: Callable[[float], nn.Module], weights: str, width_mult: float | None,
-                       device: torch.device) -> nn.Module:
+                       device: torch.device, loaded: object | None = None) -> nn.Module:
     """The trained model of an inference script, from one read of ``weights``.
 
     ``build(width)`` makes the network at ``width_mult``, or else at the width saved in the
     checkpoint (1.0 for PSA/SEAM files); the weights load strictly (:func:`load_trained`); the
-    model is returned in eval mode on ``device``, channels_last on CUDA.
+    model is returned in eval mode on ``device``, channels_last on CUDA. ``loaded``: the file's
+    content when the caller has read it already (:func:`read_weights`).
     """
-    loaded = _read_weights_file(weights)
+    loaded = _read_weights_file(weights) if loaded is None else loaded
     model = build(width_mult or float(_saved_args(loaded).get("width_mult", 1.0)))
     _load_strictly(model, _state_dict_of(loaded, weights), weights)
     model = model.eval().to(device)

@@ -57,7 +57,7 @@ def portable_net(request, tmp_path_factory):
     torch.save({"net": portable_reference_state(model)}, path)
     fresh = SIPENet(num_classes=20, affinity_enhanced=request.param)
     load_trained(fresh, str(path))
-    fresh.resnet50.freeze_pretrained()
+    fresh.freeze_pretrained()
     return fresh.eval()
 
 
