@@ -274,14 +274,14 @@ def build_stages(ctx: Context) -> list[Stage]:
             "--scales", *_strings(profile[seed_settings(c, "infer")]["scales"]), "--out_cam", p.cam,
             "--out_crf", p.crf, "--out_cam_pred", p.seed_png, "--num_workers", workers],
             "CAM dicts, seed PNGs, low/high-alpha CRF dicts", (p.cam, p.seed_png, crf_dir(p.crf, LOW_ALPHA), crf_dir(p.crf, HIGH_ALPHA))),
-        Stage("eval_seed", lambda c: evaluate("seed", p.cam, eval_list, "--type", "npy", "--curve",
-                                              "--out_dir", p.seed_curve),
-              "seed mIoU over background thresholds"),
     ]
     if not ctx.seed_on_resnet38:  # SIPE's seed PNGs: the arg-max with its own background channel, no threshold
         stages.append(Stage("eval_seed_png", lambda c: evaluate("seed_png", p.seed_png, eval_list, "--type", "png"),
                             "seed PNG mIoU (the method's own background)"))
     stages += [
+        Stage("eval_seed", lambda c: evaluate("seed", p.cam, eval_list, "--type", "npy", "--curve",
+                                              "--out_dir", p.seed_curve),
+              "seed mIoU over background thresholds"),
         Stage("refine_mask", lambda c: [
             "refine_mask.py", *dataset_flags(c), "--list", eval_list, "--cam_dir", p.cam, "--out_dir", p.crf_masks,
             "--bg_threshold", f"{clamped_threshold(c):.2f}", "--num_workers", workers],
