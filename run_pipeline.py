@@ -47,6 +47,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                              "resnet50-19c8e357.pth; required by the voc12 and coco14 profiles for those")
     parser.add_argument("--until", metavar="STAGE", default=None,
                         help="stop after this stage (e.g. eval_seed for a quick seed comparison)")
+    parser.add_argument("--seed_epochs", type=int, default=None,
+                        help="epochs of the seed classifier instead of the profile's (a shorter comparison)")
     parser.add_argument("--profile", choices=sorted(PROFILES), default=None,
                         help="configuration (default: synthetic, or voc12/coco14 when a root is given)")
     parser.add_argument("--work_dir", default=None, help="intermediate outputs (default: runs/<profile>)")
@@ -117,7 +119,10 @@ def write_comparison(results_dir: str, methods: Sequence[str]) -> str:
 def run_method(args: argparse.Namespace, method: str, work_dir: str, results_dir: str,
                data_root: str | None = None) -> int:
     """The stages of one seed method; 0 on success."""
-    profile = PROFILES[args.profile]
+    profile = dict(PROFILES[args.profile])
+    if args.seed_epochs:
+        for section in ("train_avc", "train_sipe"):
+            profile[section] = {**profile[section], "max_epoches": args.seed_epochs}
     data_root = data_root or args.voc12_root or args.coco_root or os.path.join(work_dir, "data")
     ctx = Context(args.profile, profile, Paths.under(os.path.abspath(work_dir), os.path.abspath(data_root),
                                        os.path.abspath(results_dir)),

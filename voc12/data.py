@@ -58,21 +58,6 @@ class _EpochSeeded:
         return np.random.default_rng((self.seed, self.epoch, int(index)))
 
 
-class ImageListDataset(Dataset):
-    """``(image_id, uint8 HxWx3 RGB image)`` for each id."""
-
-    def __init__(self, info: DatasetInfo, ids: Sequence[str], source: str | None = None) -> None:
-        check_images(info, ids, source)
-        self.info, self.ids = info, list(ids)
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, index: int) -> tuple[str, np.ndarray]:
-        image_id = self.ids[index]
-        return image_id, read_rgb_image(self.info.image_path(image_id))
-
-
 class ClassificationDataset(_EpochSeeded, Dataset):
     """``(image_id, float32 3 x crop x crop normalised image, float32 (num_classes,) label)``.
 
