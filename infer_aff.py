@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from network import build_model
 from network.affinity import AffinityNet
 from network.weights import load_for_inference
 from tool import transforms as T
@@ -165,7 +166,7 @@ def run(args: argparse.Namespace) -> int:
         if not todo:
             return 0
         dataset = RandomWalkDataset(info, todo, args.cam_dir, source=infer_list)
-        model = load_for_inference(lambda width: AffinityNet(width_mult=width, radius=args.radius),
+        model = load_for_inference(lambda width: build_model("affinity", width_mult=width, radius=args.radius),
                                    args.weights, args.width_mult, device)
         loader = DataLoader(dataset, batch_size=1, collate_fn=collate_single, num_workers=args.num_workers)
         for item in tqdm(loader, desc="random walk", disable=not dist.is_main, dynamic_ncols=True):
