@@ -93,11 +93,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 def write_comparison(results_dir: str, methods: Sequence[str]) -> str:
     """``comparison.md`` / ``.json``: each method's summary rows side by side (same data, same evaluation)."""
     summaries = {m: read_json_if_present(os.path.join(results_dir, m, "summary.json")) for m in methods}
-    rows: list[str] = []
-    for summary in summaries.values():
-        for row in (summary or {}).get("rows", []):
-            if row["row"] not in rows:
-                rows.append(row["row"])
+    # Row order of the fullest summary (SIPE's has the own-background seed row after "Seed").
+    fullest = max(summaries.values(), key=lambda summary: len((summary or {}).get("rows", [])))
+    rows = [row["row"] for row in (fullest or {}).get("rows", [])]
 
     def cell(method: str, row_name: str) -> str:
         row = next((r for r in (summaries[method] or {}).get("rows", []) if r["row"] == row_name), None)
@@ -108,7 +106,9 @@ def write_comparison(results_dir: str, methods: Sequence[str]) -> str:
 
     lines = ["# Seed methods compared (mIoU %, same data and evaluation)", "",
              "| | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
-    lines += [f"| {name} | " + " | ".join(cell(m, name) for m in methods) + " |" for name in rows]
+    cells = {name: [cell(m, name) for m in methods] for name in rows}
+    lines += [f"| {name} | " + " | ".join(cells[name]) + " |" for name in rows
+              if any(value != "-" for value in cells[name])]  # stages not run (--until) leave no row
     text = "\n".join(lines) + "\n"
     os.makedirs(results_dir, exist_ok=True)
     atomic_write_text(os.path.join(results_dir, "comparison.md"), text)
