@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
+from network import build_model
 from network.affinity import AffinityNet
 from network.weights import load_for_inference
 from tool import transforms as T
@@ -188,7 +189,7 @@ def run(args: argparse.Namespace) -> int:
         if not todo:
             return 0
         dataset = RandomWalkDataset(info, todo, args.cam_dir, source=infer_list)
-        model = load_for_inference(lambda width: AffinityNet(width_mult=width, radius=args.radius),
+        model = load_for_inference(lambda width: build_model("affinity", width_mult=width, radius=args.radius),
                                    args.weights, args.width_mult, device)
 
         results = run_images(dataset, lambda items: [walk_scores(model, items[0], info.num_classes, args, device)],

@@ -1,4 +1,4 @@
-"""Stage 2: seeds from the trained AVC classifier (multi-scale + flip PCM CAMs).
+"""Stage 2: seeds from a trained seed classifier (multi-scale + flip CAMs, as its method fuses them).
 
     python infer_seed.py --weights checkpoints/resnet38_avc.pth --voc12_root VOC2012 \
         --infer_list VOC2012/train.txt --out_cam out/cam --out_crf out/crf --out_cam_pred out/seed
@@ -9,6 +9,13 @@ Outputs, in SEAM's formats (``tool/contract.py``): CAM dicts ``<out_cam>/<id>.np
 with ``--out_vis``, CAM overlays and a PCM affinity picture per image. Images whose outputs
 all exist are skipped, so an interrupted run resumes. ``--shard K/N`` or ``torchrun`` split the
 list; on CPU one image is in flight per core (``--threads``), CRF included (``tool/parallel.py``).
+
+The method (network/methods.py), backbone and width come from the checkpoint; ``--method`` is
+only needed for files that do not record it (a released SIPE/AE-SIPE ``{'net': ...}`` file),
+and one that contradicts the checkpoint is refused. SIPE/AE-SIPE: the IS-CAMs of scales
+1, 0.5, 1.5, 2 (with flip) are summed and max-normalised; the CAM dicts hold its foreground
+channels, the seed PNG is the arg-max with SIPE's own background channel, and ``--out_is_cam``
+writes the reference's ``{'keys', 'IS_CAM'}`` dicts for SIPE's own later steps.
 """
 from __future__ import annotations
 
@@ -22,18 +29,17 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from network.avc import AVCNet
-from network.weights import load_for_inference
-from tool.cam import cam_dict_from, fuse_cams, seed_from_cam_dict
+from network.methods import METHODS, ImageCams, SeedMethod, build_network, image_cams_many
+from network.weights import load_for_inference, read_weights, saved_args
+from tool.cam import labels_from_scores, seed_from_cam_dict
 from tool.cli import (add_dataset_args, add_inference_model_args, add_overwrite_arg, add_parallel_args, add_shard_args,
                       non_negative_int, positive_float, run_cli, shard_list)
 from tool.contract import HIGH_ALPHA, LOW_ALPHA, crf_dir
 from tool.crf import write_crf_dicts
 from tool.datasets import get_dataset_info
 from tool.distributed import cleanup, setup_distributed
-from tool.fileio import read_id_list, save_palette_png, save_rgb_image, save_score_dict
+from tool.fileio import DataError, read_id_list, save_npy, save_palette_png, save_rgb_image, save_score_dict
 from tool.logs import save_config, setup_logging
-from tool.multiscale import forward_views_many
 from tool.outputs import OutputRecord
 from tool.parallel import run_images
 from tool.vis import affinity_matrix_picture, cam_overlay, label_overlay, tile_row
@@ -46,11 +52,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_dataset_args(parser)
     add_shard_args(parser)
-    parser.add_argument("--weights", required=True, help="trained AVC/SEAM classifier (.pth)")
+    parser.add_argument("--weights", required=True, help="trained seed classifier (.pth)")
+    parser.add_argument("--method", choices=tuple(METHODS), default=None,
+                        help="seed method, for checkpoints that do not record it (default: the "
+                             "checkpoint's, else avc)")
     add_inference_model_args(parser)
     parser.add_argument("--infer_list", default=None, help="image ids (default: <root>/train.txt)")
-    parser.add_argument("--scales", type=positive_float, nargs="+", default=(0.5, 1.0, 1.5, 2.0))
+    parser.add_argument("--scales", type=positive_float, nargs="+", default=None,
+                        help="inference scales (default: the method's; SEAM 0.5 1 1.5 2, SIPE 1 0.5 1.5 2)")
     parser.add_argument("--out_cam", default=None, help="folder for the CAM dicts (.npy)")
+    parser.add_argument("--out_is_cam", default=None,
+                        help="SIPE/AE-SIPE: folder for the reference's {'keys', 'IS_CAM'} dicts (.npy)")
     parser.add_argument("--out_cam_pred", default=None, help="folder for the seed PNGs")
     parser.add_argument("--out_cam_pred_alpha", type=float, default=0.26,
                         help="background score of the seed PNGs (SEAM: 0.26; take the best "
@@ -70,8 +82,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                                                         "(default: the first output folder)")
     add_overwrite_arg(parser)
     args = parser.parse_args(argv)
-    if not (args.out_cam or args.out_cam_pred or args.out_crf or args.out_vis):
-        parser.error("nothing to write: give at least one of --out_cam --out_cam_pred --out_crf --out_vis")
+    if not (args.out_cam or args.out_cam_pred or args.out_crf or args.out_vis or args.out_is_cam):
+        parser.error("nothing to write: give at least one of --out_cam --out_cam_pred --out_crf --out_vis "
+                     "--out_is_cam")
     return args
 
 
@@ -86,10 +99,23 @@ def output_paths(args: argparse.Namespace, image_id: str) -> list[str]:
         paths += [os.path.join(crf_dir(args.out_crf, alpha), f"{image_id}.npy") for alpha in args.crf_alphas]
     if args.out_vis:
         paths.append(os.path.join(args.out_vis, f"{image_id}.jpg"))
+    if args.out_is_cam:
+        paths.append(os.path.join(args.out_is_cam, f"{image_id}.npy"))
     return paths
 
 
-def pcm_affinity(model: AVCNet, item: dict, device: torch.device) -> tuple[np.ndarray, tuple[int, int]]:
+def resolve_method(flag: str | None, saved: dict, weights: str) -> SeedMethod:
+    """The checkpoint's method; ``flag`` for files without one (default avc); a contradiction is an error."""
+    recorded = saved.get("method")
+    if recorded is not None and recorded not in METHODS:
+        raise DataError(f"{weights}: trained with seed method {recorded!r}, which this version does not know "
+                        f"(known: {', '.join(METHODS)})")
+    if flag is not None and recorded is not None and flag != recorded:
+        raise DataError(f"{weights}: trained with --method {recorded}, but --method {flag} was given")
+    return METHODS[recorded or flag or "avc"]
+
+
+def pcm_affinity(model: torch.nn.Module, item: dict, device: torch.device) -> tuple[np.ndarray, tuple[int, int]]:
     """The PCM affinity (N, N) of the unflipped view closest to scale 1 and its CAM grid size."""
     image = item["image"]
     view = item["views"][min(range(len(item["views"])),
@@ -99,11 +125,13 @@ def pcm_affinity(model: AVCNet, item: dict, device: torch.device) -> tuple[np.nd
     return output["affinity"][0].float().cpu().numpy(), tuple(output["cam"].shape[-2:])
 
 
-def visualise(image: np.ndarray, affinity: tuple[np.ndarray, tuple[int, int]], cam_dict: dict,
+def visualise(image: np.ndarray, affinity: tuple[np.ndarray, tuple[int, int]] | None, cam_dict: dict,
               seed: np.ndarray) -> np.ndarray:
-    """CAM overlays, the seed, and the PCM affinity (:func:`pcm_affinity`) sorted by seed class."""
+    """CAM overlays, the seed, and (AVC/SEAM) the PCM affinity (:func:`pcm_affinity`) sorted by seed class."""
     pictures = [image] + [cam_overlay(image, cam_dict[key]) for key in sorted(cam_dict)]
     pictures.append(label_overlay(image, seed))
+    if affinity is None:
+        return tile_row(pictures)
     matrix, cam_hw = affinity
     seed_small = F.interpolate(torch.from_numpy(seed)[None, None].float(), size=cam_hw,
                                mode="nearest")[0, 0].numpy()
@@ -111,19 +139,23 @@ def visualise(image: np.ndarray, affinity: tuple[np.ndarray, tuple[int, int]], c
     return tile_row(pictures + [picture])
 
 
-def write_seed_outputs(args: argparse.Namespace, num_classes: int, item: dict, view_cams: np.ndarray,
+def write_seed_outputs(args: argparse.Namespace, num_classes: int, item: dict, cams: ImageCams,
                        affinity: tuple[np.ndarray, tuple[int, int]] | None = None) -> str:
     """Everything one image's fused CAMs give: CAM dict, seed PNG, picture, CRF dicts; returns the id.
 
-    ``view_cams`` (V, C, H, W): the per-view class CAMs at the image size; ``affinity``: the
-    :func:`pcm_affinity` of the image (needed with ``--out_vis``).
+    ``cams``: the image's fused CAMs (network.methods); ``affinity``: the :func:`pcm_affinity` of
+    the image (AVC/SEAM with ``--out_vis``).
     """
-    image_id, image, label = item["id"], item["image"], item["label"].numpy()
-    norm_cam = fuse_cams(view_cams, label, clip=not args.seam_cam_norm)
-    cam_dict = cam_dict_from(norm_cam, label)
-    seed = seed_from_cam_dict(cam_dict, num_classes, args.out_cam_pred_alpha, image.shape[:2])
+    image_id, image = item["id"], item["image"]
+    cam_dict = cams.cam_dict
+    if cams.is_cam is not None:  # SIPE: the arg-max with its own background channel
+        seed = labels_from_scores(cams.keys.tolist(), cams.is_cam)
+    else:
+        seed = seed_from_cam_dict(cam_dict, num_classes, args.out_cam_pred_alpha, image.shape[:2])
     if args.out_cam:
         save_score_dict(os.path.join(args.out_cam, f"{image_id}.npy"), cam_dict)
+    if args.out_is_cam:
+        save_npy(os.path.join(args.out_is_cam, f"{image_id}.npy"), {"keys": cams.keys, "IS_CAM": cams.is_cam})
     if args.out_cam_pred:
         save_palette_png(os.path.join(args.out_cam_pred, f"{image_id}.png"), seed)
     if args.out_vis:
@@ -137,7 +169,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     dist = setup_distributed()
     try:
-        log_dir = args.log_dir or next(p for p in (args.out_cam, args.out_cam_pred, args.out_crf, args.out_vis) if p)
+        log_dir = args.log_dir or next(p for p in (args.out_cam, args.out_cam_pred, args.out_crf, args.out_vis,
+                                                   args.out_is_cam) if p)
         setup_logging(os.path.join(log_dir, "infer_seed.log"), dist.is_main)
         record = OutputRecord("infer_seed", args, lambda image_id: output_paths(args, image_id))
         if dist.is_main:
@@ -149,20 +182,27 @@ def main(argv: Sequence[str] | None = None) -> None:
         logger.info("%d of %d images to do (%d already done)", len(todo), len(ids), len(ids) - len(todo))
         if not todo:
             return
-        dataset = MultiScaleDataset(info, todo, info.load_cls_labels(), scales=args.scales, source=infer_list)
-        model = load_for_inference(lambda width: AVCNet(num_classes=info.num_classes, width_mult=width),
-                                   args.weights, args.width_mult, dist.device)
+        loaded = read_weights(args.weights)
+        saved = saved_args(loaded)
+        method = resolve_method(args.method, saved, args.weights)
+        if args.out_is_cam and method.fusion != "sipe":
+            raise DataError(f"{args.weights}: --out_is_cam needs a SIPE-family checkpoint, this is {method.name}")
+        backbone = saved.get("backbone") or method.backbones[0]
+        model = load_for_inference(lambda width: build_network(method, info.num_classes, backbone, width),
+                                   args.weights, args.width_mult, dist.device, loaded=loaded)
+        logger.info("%s (%s) from %s", method.name, backbone, args.weights)
+        dataset = MultiScaleDataset(info, todo, info.load_cls_labels(), scales=args.scales or method.scales,
+                                    source=infer_list)
+        picture_affinity = bool(args.out_vis) and method.fusion == "seam"
 
-        def class_cams(batch: torch.Tensor) -> torch.Tensor:
-            return model.forward_cam(batch)[:, 1:]  # drop the background channel, as SEAM
+        def infer(items: list[dict]) -> list[tuple[ImageCams, tuple | None]]:
+            cams = image_cams_many(method, model, [item["views"] for item in items],
+                                   [item["label"].numpy() for item in items],
+                                   [item["image"].shape[:2] for item in items], dist.device, args.seam_cam_norm)
+            return [(image_cams, pcm_affinity(model, item, dist.device) if picture_affinity else None)
+                    for item, image_cams in zip(items, cams)]
 
-        def infer(items: list[dict]) -> list[tuple[np.ndarray, tuple | None]]:
-            maps = forward_views_many(class_cams, [item["views"] for item in items],
-                                      [item["image"].shape[:2] for item in items], device=dist.device)
-            return [(view_cams.float().cpu().numpy(), pcm_affinity(model, item, dist.device) if args.out_vis else None)
-                    for item, view_cams in zip(items, maps)]
-
-        def finish(item: dict, inferred: tuple[np.ndarray, tuple | None]) -> str:
+        def finish(item: dict, inferred: tuple[ImageCams, tuple | None]) -> str:
             return write_seed_outputs(args, info.num_classes, item, *inferred)
 
         results = run_images(dataset, infer, finish, device=dist.device, threads=args.threads,

@@ -1,6 +1,8 @@
-"""Run the whole AVC workflow, stage by stage, as the separate scripts a user would run.
+"""Run the whole workflow, stage by stage, as the separate scripts a user would run.
 
     python run_pipeline.py                          # synthetic default dataset, generated first
+    python run_pipeline.py --method sipe            # SIPE seeds (avc, seam, sipe, ae_sipe: network/methods.py)
+    python run_pipeline.py --method all --until eval_seed   # every method on the same data: comparison.md
     python run_pipeline.py --voc12_root VOC2012     # published VOC 2012 configuration
     python run_pipeline.py --coco_root COCO2014     # published COCO 2014 configuration
     python run_pipeline.py --from train_aff         # rerun from a stage on
@@ -11,16 +13,20 @@ Every command is printed before it runs. A finished stage leaves a marker in
 ``<work_dir>/stages/``; an interrupted run resumes at the first unfinished stage (the stage
 scripts themselves also skip finished images and resume from their checkpoints). At the end
 the results table is printed and written to ``<results_dir>/summary.md`` and ``summary.json``,
-with ``index.html`` showing sample images through every stage.
+with ``index.html`` showing sample images through every stage. ``--method all`` runs every
+seed method in ``<work_dir>/<method>/`` on one dataset (``<work_dir>/data``), each method's
+results in ``<results_dir>/<method>/``, and writes ``<results_dir>/comparison.md`` and
+``comparison.json`` (every method's mIoU of each row, side by side).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from typing import Sequence
 
 from tool.cli import run_cli
-from tool.fileio import read_id_list
+from tool.fileio import DataError, atomic_write_text, read_id_list, read_json_if_present
 from tool.pipeline import PROFILES, Context, Paths, build_stages, run_stages, stage_done, stale_stages
 
 
@@ -35,6 +41,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--weights", default=None,
                         help="ImageNet ResNet38 weights (ilsvrc-cls_rna-a1_cls1000_ep-0001.params) for "
                              "every training stage; required by the voc12 and coco14 profiles")
+    parser.add_argument("--method", choices=(*SEED_METHODS, "all"), default="avc",
+                        help="seed method (default avc); 'all' runs each on the same data and compares them")
+    parser.add_argument("--seed_weights", default=None,
+                        help="ImageNet weights of a ResNet-50 seed classifier (sipe, ae_sipe): torchvision's "
+                             "resnet50-19c8e357.pth; required by the voc12 and coco14 profiles for those")
+    parser.add_argument("--until", metavar="STAGE", default=None,
+                        help="stop after this stage (e.g. eval_seed for a quick seed comparison)")
+    parser.add_argument("--seed_epochs", type=int, default=None,
+                        help="epochs of the seed classifier instead of the profile's (a shorter comparison)")
     parser.add_argument("--profile", choices=sorted(PROFILES), default=None,
                         help="configuration (default: synthetic, or voc12/coco14 when a root is given)")
     parser.add_argument("--work_dir", default=None, help="intermediate outputs (default: runs/<profile>)")
@@ -50,17 +65,76 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.profile in ("voc12", "coco14") and not args.weights and not args.dry_run:
         parser.error(f"the {args.profile} profile starts from ImageNet weights: give --weights "
                      "ilsvrc-cls_rna-a1_cls1000_ep-0001.params")
+    if (args.profile in ("voc12", "coco14") and args.method in ("sipe", "ae_sipe", "all")
+            and not args.seed_weights and not args.dry_run):
+        parser.error(f"SIPE/AE-SIPE on the {args.profile} profile start from ImageNet ResNet-50 weights: "
+                     "give --seed_weights resnet50-19c8e357.pth")
     return args
+
+
+SEED_METHODS = ("avc", "seam", "sipe", "ae_sipe")  # network/methods.py's entries (kept here: no torch import)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    profile = PROFILES[args.profile]
+    if args.method != "all":
+        return run_method(args, args.method, args.work_dir, args.results_dir)
     data_root = args.voc12_root or args.coco_root or os.path.join(args.work_dir, "data")
-    ctx = Context(args.profile, profile, Paths.under(os.path.abspath(args.work_dir), os.path.abspath(data_root),
-                                       os.path.abspath(args.results_dir)),
-                  imagenet_weights=args.weights and os.path.abspath(args.weights))
+    for method in SEED_METHODS:
+        print(f"\n######## seed method {method}", flush=True)
+        code = run_method(args, method, os.path.join(args.work_dir, method),
+                          os.path.join(args.results_dir, method), data_root)
+        if code:
+            return code
+    if not args.dry_run:
+        print("\n" + write_comparison(args.results_dir, SEED_METHODS))
+    return 0
+
+
+def write_comparison(results_dir: str, methods: Sequence[str]) -> str:
+    """``comparison.md`` / ``.json``: each method's summary rows side by side (same data, same evaluation)."""
+    summaries = {m: read_json_if_present(os.path.join(results_dir, m, "summary.json")) for m in methods}
+    # Row order of the fullest summary (SIPE's has the own-background seed row after "Seed").
+    fullest = max(summaries.values(), key=lambda summary: len((summary or {}).get("rows", [])))
+    rows = [row["row"] for row in (fullest or {}).get("rows", [])]
+
+    def cell(method: str, row_name: str) -> str:
+        row = next((r for r in (summaries[method] or {}).get("rows", []) if r["row"] == row_name), None)
+        if row is None or row["miou"] is None:
+            return "-"
+        threshold = f" (bg {row['bg_threshold']:.2f})" if row.get("bg_threshold") is not None else ""
+        return f"{row['miou']:.1f}{threshold}"
+
+    lines = ["# Seed methods compared (mIoU %, same data and evaluation)", "",
+             "| | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
+    cells = {name: [cell(m, name) for m in methods] for name in rows}
+    lines += [f"| {name} | " + " | ".join(cells[name]) + " |" for name in rows
+              if any(value != "-" for value in cells[name])]  # stages not run (--until) leave no row
+    text = "\n".join(lines) + "\n"
+    os.makedirs(results_dir, exist_ok=True)
+    atomic_write_text(os.path.join(results_dir, "comparison.md"), text)
+    atomic_write_text(os.path.join(results_dir, "comparison.json"), json.dumps(summaries, indent=2))
+    return text
+
+
+def run_method(args: argparse.Namespace, method: str, work_dir: str, results_dir: str,
+               data_root: str | None = None) -> int:
+    """The stages of one seed method; 0 on success."""
+    profile = dict(PROFILES[args.profile])
+    if args.seed_epochs:
+        for section in ("train_avc", "train_sipe"):
+            profile[section] = {**profile[section], "max_epoches": args.seed_epochs}
+    data_root = data_root or args.voc12_root or args.coco_root or os.path.join(work_dir, "data")
+    ctx = Context(args.profile, profile, Paths.under(os.path.abspath(work_dir), os.path.abspath(data_root),
+                                       os.path.abspath(results_dir)),
+                  imagenet_weights=args.weights and os.path.abspath(args.weights), method=method,
+                  seed_imagenet_weights=args.seed_weights and os.path.abspath(args.seed_weights))
     stages = build_stages(ctx)
+    names = [stage.name for stage in stages]
+    if args.until:
+        if args.until not in names:
+            raise DataError(f"unknown stage {args.until!r}; the stages are: {', '.join(names)}")
+        stages = stages[:names.index(args.until) + 1]
     if run_stages(ctx, stages, only=args.only, from_stage=args.from_stage, dry_run=args.dry_run):
         return 1
     stale = [] if args.dry_run else stale_stages(ctx, stages)
@@ -84,7 +158,7 @@ def build_report(ctx: Context, stages) -> str:
     paths = ctx.paths
     markers = [marker for marker in (stage_done(ctx, stage) for stage in stages) if marker]
     summary = collect_results(paths.eval, os.path.join(paths.seed_curve, "curve.json"), markers, ctx.profile_name,
-                              {"train": ctx.profile["eval_list"], "val": ctx.profile["val_list"]})
+                              {"train": ctx.profile["eval_list"], "val": ctx.profile["val_list"]}, ctx.method)
     os.makedirs(paths.results_dir, exist_ok=True)
     text = write_summary(summary, paths.results_dir)
     samples = os.path.join(paths.lists, "samples.txt")

@@ -22,6 +22,7 @@ import logging
 import os
 from typing import Sequence
 
+from network import build_model
 from network.affinity import AffinityNet, affinity_loss
 from network.weights import start_from_weights
 from tool.cli import add_dataset_args, add_model_args, add_training_args, run_cli
@@ -76,7 +77,7 @@ def run(args: argparse.Namespace) -> AffinityNet:
         logger.info("%d training images from %s (%s), CRF dicts from %s and %s", len(dataset), train_list,
                     info.name, args.la_crf_dir, args.ha_crf_dir)
 
-        model = AffinityNet(width_mult=args.width_mult, radius=AFFINITY_RADIUS)
+        model = build_model("affinity", width_mult=args.width_mult, radius=AFFINITY_RADIUS)
         start_from_weights(model, args.weights)
         trainer, sampler = build_trainer(model, len(dataset), args, dist, LOSS_TERMS)
         model = trainer.model

@@ -16,7 +16,8 @@ import time
 import torch
 
 from network.avc import AVCNet, avc_training_losses
-from tool.multiscale import forward_views, forward_views_unbatched
+from bench.unbatched_views import forward_views_unbatched
+from tool.multiscale import forward_views
 from tool.training import autocast_context
 
 

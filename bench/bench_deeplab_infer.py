@@ -19,7 +19,8 @@ import torch
 
 from network.deeplab import DeepLabV1
 from test_deeplab import DEFAULT_SCALES, fuse_view_logits, multiscale_views
-from tool.multiscale import forward_views, forward_views_unbatched
+from bench.unbatched_views import forward_views_unbatched
+from tool.multiscale import forward_views
 
 
 def make_views(rng: np.random.Generator, height: int, width: int, scales: Sequence[float]) -> list[torch.Tensor]:

@@ -31,14 +31,15 @@ from tqdm import tqdm
 import infer_aff
 import infer_seed
 import test_deeplab
+from bench.unbatched_views import forward_views_unbatched
 from network.affinity import AffinityNet
 from network.avc import AVCNet
 from network.deeplab import DeepLabV1
+from network.methods import fuse_seam_views
 from network.weights import load_for_inference
 from tool.cli import run_cli
 from tool.datasets import get_dataset_info
 from tool.fileio import read_id_list
-from tool.multiscale import forward_views_unbatched
 from voc12.data import MultiScaleDataset, collate_single
 
 CPU = torch.device("cpu")
@@ -71,7 +72,8 @@ def seed(argv: Sequence[str]) -> None:
         for item in tqdm(_loader(dataset, args.num_workers), total=len(dataset), desc="reference seeds"):
             cams = threaded_views(pool, lambda batch: model.forward_cam(batch)[:, 1:], item["views"],
                                   item["image"].shape[:2], align_corners=False)
-            infer_seed.write_seed_outputs(args, info.num_classes, item, cams.numpy())
+            fused = fuse_seam_views(cams.numpy(), item["label"].numpy(), args.seam_cam_norm)
+            infer_seed.write_seed_outputs(args, info.num_classes, item, fused)
 
 
 def deeplab(argv: Sequence[str]) -> None:

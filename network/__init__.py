@@ -1,6 +1,8 @@
 """Networks of the pipeline and one table from names to constructors.
 
-Add a model with one line in ``MODELS``; scripts call ``build_model(name, **kwargs)``.
+Add a model with one line in ``MODELS``; scripts call ``build_model(name, **kwargs)``. Seed
+classifiers are built through the seed-method table (``network/methods.py``), backbones through
+``network/backbones.py``.
 """
 from __future__ import annotations
 
@@ -12,12 +14,14 @@ from network.affinity import AffinityNet
 from network.avc import AVCNet
 from network.deeplab import DeepLabV1
 from network.resnet38 import ResNet38
+from network.sipe import SIPENet
 
 MODELS: Dict[str, Callable[..., nn.Module]] = {
     "resnet38": ResNet38,
     "avc": AVCNet,
     "affinity": AffinityNet,
     "deeplab": DeepLabV1,
+    "sipe": SIPENet,  # also AE-SIPE (affinity_enhanced=True); seed methods: network/methods.py
 }
 
 

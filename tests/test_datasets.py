@@ -14,7 +14,7 @@ from tool.cli import main_exit_code
 from tool.datasets import DATASET_NAMES, get_dataset_info
 from tool.fileio import DataError, read_id_list, read_label_png, save_palette_png, save_rgb_image
 from voc12 import layout
-from voc12.data import (ClassificationDataset, ImageListDataset, MultiScaleDataset, SegmentationDataset,
+from voc12.data import (ClassificationDataset, MultiScaleDataset, SegmentationDataset, check_images,
                         collate_single)
 from voc12.prepare import main as prepare_main
 from voc12.prepare import prepare_voc
@@ -194,7 +194,7 @@ def test_datasets_reject_empty_class_labels_and_missing_images(generated):
     with pytest.raises(DataError, match=rf"{ids[3]}\.jpg: empty class label"):
         MultiScaleDataset(info, ids, cls_labels)
     with pytest.raises(DataError, match="2 images named in my_list.txt"):
-        ImageListDataset(info, ids + ["nope_1", "nope_2"], source="my_list.txt")
+        check_images(info, ids + ["nope_1", "nope_2"], source="my_list.txt")
     with pytest.raises(DataError, match="no class label for 1 images"):
         ClassificationDataset(info, ids + ["val_00000"], {i: cls_labels[i] for i in ids if i != ids[3]} | {ids[3]: np.ones(NUM_CLASSES)})
 
@@ -204,10 +204,11 @@ def test_corrupt_jpeg_raises_data_error(generated, tmp_path):
     info = get_dataset_info("synthetic", root)
     with open(info.image_path("train_00000"), "wb") as handle:
         handle.write(b"\xff\xd8 not a jpeg")
-    assert ImageListDataset(info, ["train_00001"])[0][1].shape[2] == 3
+    labels = info.load_cls_labels()
+    assert MultiScaleDataset(info, ["train_00001"], labels, scales=(1.0,))[0]["image"].shape[2] == 3
     # Found when the dataset is made (every listed image decodes), before any compute.
     with pytest.raises(DataError, match=r"train_00000\.jpg: cannot decode"):
-        ImageListDataset(info, ["train_00000", "train_00001"])
+        MultiScaleDataset(info, ["train_00000", "train_00001"], labels, scales=(1.0,))
 
 
 def test_multiscale_views_and_collate(generated):

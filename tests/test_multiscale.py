@@ -3,7 +3,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tool.multiscale import forward_views, forward_views_unbatched
+from bench.unbatched_views import forward_views_unbatched
+from tool.multiscale import forward_views
 
 
 def _views(image: torch.Tensor, scales, flip=True):

@@ -27,7 +27,7 @@ from tool.fileio import (DataError, atomic_write_text, check_images_decode, read
 from tool.pipeline import PROFILES, Context, Paths, Stage, marker_path, run_stages, stage_done, stale_stages
 from tool.distributed import setup_distributed
 from tool.training import NonFiniteLossError, Trainer, load_checkpoint, read_checkpoint, save_checkpoint
-from voc12.data import ImageListDataset
+from voc12.data import check_images
 from voc12.prepare import prepare_voc
 from voc12.synthetic import generate_dataset
 
@@ -356,9 +356,9 @@ def test_prepare_rejects_a_label_of_another_size(tmp_path):
 def test_every_listed_image_is_checked_to_decode_once(root, tmp_path, monkeypatch):
     info = get_dataset_info("synthetic", root)
     ids = read_id_list(os.path.join(root, "train.txt"))
-    ImageListDataset(info, ids)                                           # all decode: cached
+    check_images(info, ids, None)                                         # all decode: cached
     monkeypatch.setattr("tool.fileio._decoded_size", lambda path: pytest.fail(f"{path} decoded again"))
-    ImageListDataset(info, ids)
+    check_images(info, ids, None)
     monkeypatch.undo()
     broken = tmp_path / "broken.jpg"
     data = open(info.image_path(ids[0]), "rb").read()

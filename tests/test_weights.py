@@ -11,8 +11,8 @@ import torch
 import torch.nn as nn
 
 from network.resnet38 import ResNet38
-from network.weights import (load_pretrained_backbone, load_trained, mxnet_parameter_name,
-                             mxnet_to_resnet38, read_mxnet_params)
+from network.mxnet_params import mxnet_parameter_name, mxnet_to_resnet38, read_mxnet_params
+from network.weights import load_pretrained_backbone, load_trained
 from tool.fileio import DataError
 from tests.reference_data import reference_keys
 

@@ -29,15 +29,11 @@ class CrfParams:
     bilateral_srgb: float = 13
     bilateral_compat: float = 10
 
-    def as_kwargs(self) -> dict:
-        return dataclasses.asdict(self)
-
 
 # Seeds, low/high-alpha CRF dicts and CRF pseudo masks (DESIGN Stage 2/3; SEAM crf_inference).
 SEED_CRF = CrfParams()
 # DeepLabV1 test-time CRF (DESIGN Stage 4-5; semantic-segmentation-codebase DenseCRF).
 DEEPLAB_TEST_CRF = CrfParams(iterations=1, bilateral_sxy=32)
-CRF_PRESETS: dict[str, CrfParams] = {"seed": SEED_CRF, "deeplab_test": DEEPLAB_TEST_CRF}
 
 
 def _import_pydensecrf():

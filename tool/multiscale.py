@@ -84,18 +84,3 @@ def forward_views_many(model_fn: ModelFn, views_per_image: Sequence[Sequence[tor
                 per_view[image][index] = _unflip(_to_image_size(chunk, out_sizes[image], align_corners))
         return [torch.cat(maps) for maps in per_view]  # type: ignore[arg-type]
 
-
-def forward_views_unbatched(model_fn: ModelFn, views: Sequence[torch.Tensor], out_size: tuple[int, int],
-                            align_corners: bool = False, device: torch.device | str = "cpu",
-                            amp: bool = True) -> torch.Tensor:
-    """Same result as :func:`forward_views` with one forward per view (benchmark baseline)."""
-    _check_views(views)
-    device = torch.device(device)
-    per_scale = []
-    with torch.inference_mode():
-        for view in views:
-            maps = torch.cat([_to_image_size(_run_model(model_fn, view[j:j + 1], device, amp),
-                                             out_size, align_corners)
-                              for j in range(view.shape[0])])
-            per_scale.append(_unflip(maps))
-        return torch.cat(per_scale)

@@ -46,6 +46,11 @@ PROFILES: dict[str, dict[str, Any]] = {
         "train_avc": {"batch_size": 8, "max_epoches": 25, "lr": 0.02, "momentum": 0.9, "crop_size": 112,
                       "resize_long": (112, 144), "flags": ("--view_scale", "0.5", "--no-dropout")},
         "infer_seed": {"scales": (0.5, 1.0, 1.5, 2.0)},
+        # SIPE / AE-SIPE (--method sipe|ae_sipe): from scratch at this width the reference's lr 0.1 with
+        # momentum 1e-4 does not learn; SGD momentum 0.9 at lr 0.02 as for AVC. SIPE's scales.
+        "train_sipe": {"batch_size": 8, "max_epoches": 25, "lr": 0.02, "momentum": 0.9, "crop_size": 112,
+                       "resize_long": (112, 144)},
+        "infer_sipe": {"scales": (1.0, 0.5, 1.5, 2.0)},
         "train_aff": {"batch_size": 8, "max_epoches": 8, "lr": 0.02, "momentum": 0.9, "crop_size": 112},
         # Background exponent of the random walk: the one that reproduces the best seed threshold.
         # The walk runs 2^logt steps; VOC's logt 8 is for a 56 x 56 grid, this 14 x 14 grid has a
@@ -69,6 +74,10 @@ PROFILES: dict[str, dict[str, Any]] = {
         "train_avc": {"batch_size": 8, "max_epoches": 8, "lr": 0.01, "momentum": 0.0, "crop_size": 448,
                       "resize_long": (448, 768)},
         "infer_seed": {"scales": (0.5, 1.0, 1.5, 2.0)},
+        # The reference schedule (network/methods.py: effective momentum 1e-4, clip 1.0).
+        "train_sipe": {"batch_size": 16, "max_epoches": 5, "lr": 0.1, "momentum": 1e-4, "crop_size": 512,
+                       "resize_long": (320, 640)},
+        "infer_sipe": {"scales": (1.0, 0.5, 1.5, 2.0)},
         "train_aff": {"batch_size": 8, "max_epoches": 8, "lr": 0.1, "momentum": 0.0, "crop_size": 448},
         "infer_aff": {"alpha": 6.0, "beta": 8, "logt": 8},
         "train_deeplab": {"batch_size": 10, "max_iters": 20000, "lr": 0.001, "crop_size": 448},
@@ -83,6 +92,8 @@ PROFILES["tiny"] = {
     "num_workers": 0, "sample_images": 3,
     "train_avc": {**PROFILES["synthetic"]["train_avc"], "max_epoches": 1, "crop_size": 64, "resize_long": (64, 72)},
     "infer_seed": {"scales": (1.0, 1.5)},
+    "train_sipe": {**PROFILES["synthetic"]["train_sipe"], "max_epoches": 1, "crop_size": 64, "resize_long": (64, 72)},
+    "infer_sipe": {"scales": (1.0, 1.5)},
     "train_aff": {**PROFILES["synthetic"]["train_aff"], "max_epoches": 1, "crop_size": 64},
     "train_deeplab": {**PROFILES["synthetic"]["train_deeplab"], "max_iters": 4, "crop_size": 64},
     "test_deeplab": {"scales": (1.0,)},
@@ -148,6 +159,22 @@ class Context:
     paths: Paths
     imagenet_weights: str | None = None   # ilsvrc-cls_rna-a1_cls1000_ep-0001.params
     results: dict[str, Any] = field(default_factory=dict)
+    method: str = "avc"                   # the seed method (network/methods.py)
+    seed_imagenet_weights: str | None = None  # ImageNet file of a non-ResNet38 seed backbone (resnet50-19c8e357.pth)
+
+    @property
+    def seed_method(self):
+        from network.methods import METHODS  # imported here: the dry run and the report need no torch
+        return METHODS[self.method]
+
+    @property
+    def seed_session(self) -> str:
+        """The seed classifier's checkpoint name: ``avc`` for AVC (as before), else the method's name."""
+        return self.method
+
+    @property
+    def seed_on_resnet38(self) -> bool:
+        return self.seed_method.backbones[0] == "resnet38"
 
     def eval_json(self, name: str) -> str:
         return os.path.join(self.paths.eval, f"{name}.json")
@@ -181,11 +208,15 @@ def training_flags(ctx: Context, stage: str) -> list[str]:
 
 
 def weights_flags(ctx: Context, stage: str) -> list[str]:
-    """``--weights`` of a training stage: ImageNet weights, else (synthetic) the AVC backbone."""
+    """``--weights`` of a training stage: ImageNet weights, else (synthetic) the seed classifier's
+    ResNet38 backbone (AffinityNet and DeepLab are ResNet38 networks: a SIPE seed classifier's
+    ResNet-50 cannot start them, so they train from scratch there)."""
+    if stage in ("train_avc", "train_sipe") and not ctx.seed_on_resnet38:
+        return ["--weights", ctx.seed_imagenet_weights] if ctx.seed_imagenet_weights else []
     if ctx.imagenet_weights:
         return ["--weights", ctx.imagenet_weights]
-    if stage != "train_avc" and ctx.profile["backbone_from_avc"]:
-        return ["--weights", os.path.join(ctx.paths.checkpoints, "avc.pth")]
+    if stage != "train_avc" and ctx.profile["backbone_from_avc"] and ctx.seed_on_resnet38:
+        return ["--weights", os.path.join(ctx.paths.checkpoints, f"{ctx.seed_session}.pth")]
     return []
 
 
@@ -217,7 +248,8 @@ def build_stages(ctx: Context) -> list[Stage]:
     eval_list = list_file(ctx, profile["eval_list"])
     val_list = list_file(ctx, profile["val_list"])
     samples_list = os.path.join(p.lists, "samples.txt")
-    avc_weights = os.path.join(p.checkpoints, "avc.pth")
+    method = ctx.seed_method
+    avc_weights = os.path.join(p.checkpoints, f"{ctx.seed_session}.pth")  # the seed classifier, any method
     aff_weights = os.path.join(p.checkpoints, "aff.pth")
     deeplab_weights = os.path.join(p.checkpoints, "deeplab.pth")
     workers = str(profile["num_workers"])
@@ -243,16 +275,18 @@ def build_stages(ctx: Context) -> list[Stage]:
         prepare += ["--dataset", "synthetic"]
     stages += [
         Stage("prepare", lambda c: prepare, "image lists and cls_labels.npy"),
-        Stage("train_avc", lambda c: [
-            "train_avc.py", *dataset_flags(c), "--train_list", train_list, "--session_name", "avc",
-            *_strings(training_flags(c, "train_avc")),
-            "--resize_long", *_strings(profile["train_avc"]["resize_long"])],
-            "AVC classifier", checkpoint_files("avc")),
+        Stage("train_avc", lambda c: seed_training_command(c, train_list),
+              f"seed classifier ({method.name}: {method.summary})", checkpoint_files(ctx.seed_session)),
         Stage("infer_seed", lambda c: [
             "infer_seed.py", *dataset_flags(c), "--weights", avc_weights, "--infer_list", train_list,
-            "--scales", *_strings(profile["infer_seed"]["scales"]), "--out_cam", p.cam, "--out_crf", p.crf,
-            "--out_cam_pred", p.seed_png, "--num_workers", workers],
+            "--scales", *_strings(profile[seed_settings(c, "infer")]["scales"]), "--out_cam", p.cam,
+            "--out_crf", p.crf, "--out_cam_pred", p.seed_png, "--num_workers", workers],
             "CAM dicts, seed PNGs, low/high-alpha CRF dicts", (p.cam, p.seed_png, crf_dir(p.crf, LOW_ALPHA), crf_dir(p.crf, HIGH_ALPHA))),
+    ]
+    if not ctx.seed_on_resnet38:  # SIPE's seed PNGs: the arg-max with its own background channel, no threshold
+        stages.append(Stage("eval_seed_png", lambda c: evaluate("seed_png", p.seed_png, eval_list, "--type", "png"),
+                            "seed PNG mIoU (the method's own background)"))
+    stages += [
         Stage("eval_seed", lambda c: evaluate("seed", p.cam, eval_list, "--type", "npy", "--curve",
                                               "--out_dir", p.seed_curve),
               "seed mIoU over background thresholds", (ctx.eval_json("seed"), p.seed_curve)),
@@ -293,6 +327,25 @@ def build_stages(ctx: Context) -> list[Stage]:
             "DeepLab predictions on the sample images of the results page", (p.deeplab_samples,)),
     ]
     return stages
+
+
+def seed_settings(ctx: Context, kind: str) -> str:
+    """The profile section of the seed stage ``kind`` ('train' or 'infer') for the run's method family."""
+    family = "avc" if ctx.seed_on_resnet38 else "sipe"
+    return {"train": f"train_{family}", "infer": "infer_seed" if family == "avc" else "infer_sipe"}[kind]
+
+
+def seed_training_command(ctx: Context, train_list: str) -> list[str]:
+    """train_avc.py for AVC (``--method seam`` for SEAM), train_seed.py --method for the others."""
+    section = seed_settings(ctx, "train")
+    settings = ctx.profile[section]
+    if ctx.seed_on_resnet38:
+        script, method_flags = ["train_avc.py"], ([] if ctx.method == "avc" else ["--method", ctx.method])
+    else:
+        script, method_flags = ["train_seed.py", "--method", ctx.method], []
+    return [*script, *dataset_flags(ctx), "--train_list", train_list, "--session_name", ctx.seed_session,
+            *_strings(training_flags(ctx, section)), "--resize_long", *_strings(settings["resize_long"]),
+            *method_flags]
 
 
 def write_samples_list(ctx: Context, path: str) -> str:

@@ -240,14 +240,3 @@ def random_walk_labels(walked_scores: torch.Tensor, image_hw: tuple[int, int]) -
                               mode="bilinear", align_corners=False)[0]
     label = torch.argmax(upsampled, dim=0)[: image_hw[0], : image_hw[1]]
     return label.to(torch.uint8).cpu().numpy()
-
-
-def random_walk_cam_dict(graph: AffinityGraph, cam_dict: Mapping[int, np.ndarray], num_classes: int,
-                         image_hw: tuple[int, int], alpha: float, beta: float = 8, logt: int = 8,
-                         source: str = "CAM dict") -> np.ndarray:
-    """The whole CAM side of infer_aff: scores from the CAM dict, walk, label map (H, W) uint8."""
-    scores = rw_scores_from_cam_dict(cam_dict, num_classes, alpha, image_hw, source)
-    if tuple(scores.shape[1:]) != graph.feat_hw:
-        raise DataError(f"{source}: image {image_hw[0]}x{image_hw[1]} gives a {tuple(scores.shape[1:])} score "
-                        f"grid, the affinity graph is {graph.feat_hw}")
-    return random_walk_labels(random_walk(graph, scores, beta, logt), image_hw)

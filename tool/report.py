@@ -37,7 +37,7 @@ def machine_description() -> str:
 
 
 def collect_results(eval_dir: str, seed_curve_json: str, stage_markers: Sequence[Mapping[str, Any]],
-                    profile_name: str, eval_split_names: Mapping[str, str]) -> dict[str, Any]:
+                    profile_name: str, eval_split_names: Mapping[str, str], method: str = "avc") -> dict[str, Any]:
     """One dict with the table rows, the best seed threshold, stage times, date and machine."""
     rows = []
     curve = read_json_if_present(seed_curve_json)
@@ -49,7 +49,11 @@ def collect_results(eval_dir: str, seed_curve_json: str, stage_markers: Sequence
             miou, threshold = (results["miou_percent"] if results else None), None
         rows.append({"row": label, "split": eval_split_names.get(split, split), "miou": miou,
                      "bg_threshold": threshold})
-    return {"profile": profile_name, "date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine_description(),
+        seed_png = read_json_if_present(os.path.join(eval_dir, "seed_png.json")) if name == "seed" else None
+        if seed_png:  # SIPE/AE-SIPE: the seed PNGs, arg-max with the method's own background channel
+            rows.append({"row": "Seed (own background)", "split": eval_split_names.get(split, split),
+                         "miou": seed_png["miou_percent"], "bg_threshold": None})
+    return {"profile": profile_name, "method": method, "date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine_description(),
             "rows": rows, "stages": [{"stage": m["stage"], "seconds": m["seconds"], "command": m["command"]}
                                      for m in stage_markers],
             "total_seconds": round(sum(m["seconds"] for m in stage_markers), 1)}
@@ -60,7 +64,7 @@ def _format_miou(miou: float | None) -> str:
 
 
 def format_summary(summary: Mapping[str, Any]) -> str:
-    lines = [f"# Results ({summary['profile']}, {summary['date']})", "", f"Machine: {summary['machine']}", "",
+    lines = [f"# Results ({summary.get('method', 'avc')} seeds, {summary['profile']}, {summary['date']})", "", f"Machine: {summary['machine']}", "",
              "| | split | mIoU (%) | background threshold |", "|---|---|---|---|"]
     for row in summary["rows"]:
         miou = _format_miou(row["miou"])
@@ -123,11 +127,11 @@ def write_page(results_dir: str, info: DatasetInfo, sample_ids: Sequence[str], c
                     f"<td>{_format_miou(row['miou'])}</td></tr>" for row in summary["rows"])
     header = "".join(f"<th>{html.escape(column)}</th>" for column in PAGE_COLUMNS)
     page = f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>AVC pipeline results</title>
+<html lang="en"><head><meta charset="utf-8"><title>{html.escape(summary.get('method', 'avc'))} pipeline results</title>
 <style>body{{font-family:sans-serif;margin:1em}} img{{max-width:160px;display:block}}
 td,th{{padding:4px;text-align:center;vertical-align:top;font-size:12px}} table{{border-collapse:collapse}}</style>
 </head><body>
-<h1>AVC pipeline results ({html.escape(summary['profile'])})</h1>
+<h1>Pipeline results: {html.escape(summary.get('method', 'avc'))} seeds ({html.escape(summary['profile'])})</h1>
 <p>{html.escape(summary['date'])} &middot; {html.escape(summary['machine'])}</p>
 <table border="1"><tr><th></th><th>split</th><th>mIoU (%)</th></tr>{table}</table>
 <h2>Seed mIoU over background thresholds</h2>

@@ -58,7 +58,8 @@ def _is_new_layer(name: str, new_layers: Sequence[str]) -> bool:
     return any(name == prefix or name.startswith(prefix + ".") for prefix in new_layers)
 
 
-def parameter_groups(model: nn.Module, lr: float, weight_decay: float) -> list[dict[str, Any]]:
+def parameter_groups(model: nn.Module, lr: float, weight_decay: float,
+                     group_specs: Sequence[tuple[str, float, bool]] = GROUP_SPECS) -> list[dict[str, Any]]:
     """SEAM's four parameter groups, from the model class's ``new_layers`` name prefixes.
 
     Like SEAM's ``get_parameter_groups``, weights (conv and normalisation scales) get
@@ -66,6 +67,8 @@ def parameter_groups(model: nn.Module, lr: float, weight_decay: float) -> list[d
     1x ``lr``, backbone biases 2x, new-layer weights 10x, new-layer biases 20x.
     Parameters with ``requires_grad`` False (frozen BN, conv1a, b2*) are left out. Each
     group carries ``name`` and ``lr_mult``; empty groups are kept so indices stay fixed.
+    ``group_specs`` replaces the four (name, lr multiplier, decays) rows (SIPE: 1, 1, 10, 10,
+    all decayed).
     """
     model = unwrap_model(model)
     new_layers = getattr(type(model), "new_layers", None)
@@ -78,7 +81,7 @@ def parameter_groups(model: nn.Module, lr: float, weight_decay: float) -> list[d
         raise ValueError(f"{type(model).__name__}.new_layers names {unmatched}, which match no parameter")
     groups = [{"params": [], "name": name, "lr_mult": mult, "lr": lr * mult,
                "weight_decay": weight_decay if decays else 0.0}
-              for name, mult, decays in GROUP_SPECS]
+              for name, mult, decays in group_specs]
     for name, parameter in named:
         if not parameter.requires_grad:
             continue
@@ -435,7 +438,7 @@ class Trainer:
                  dist: DistInfo, *, max_step: int, steps_per_epoch: int, loss_names: Sequence[str],
                  save_dir: str, session_name: str, save_every: int = 0,
                  args: argparse.Namespace | Mapping[str, Any] | None = None, amp: bool = True,
-                 start_over: bool = False) -> None:
+                 start_over: bool = False, clip_grad_norm: float | None = None) -> None:
         if max_step <= 0 or steps_per_epoch <= 0:
             raise ValueError(f"max_step ({max_step}) and steps_per_epoch ({steps_per_epoch}) must be positive")
         reserved = {"step", "epoch", "lr", "loss"} & set(loss_names)
@@ -451,6 +454,7 @@ class Trainer:
         self.save_every = save_every
         self.args = args
         self.amp = amp
+        self.clip_grad_norm = clip_grad_norm  # max total gradient L2 norm (SIPE: 1.0); None: no clipping
         self.last_path, self.final_path = checkpoint_paths(save_dir, session_name)
         self.csv_path = os.path.join(save_dir, f"{session_name}_log.csv")
         self.global_step = 0
@@ -605,6 +609,8 @@ class Trainer:
 
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if self.clip_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_grad_norm)
         self.optimizer.step()
         lr = self.optimizer.param_groups[0]["lr"]
         if self.scheduler is not None:
@@ -631,7 +637,9 @@ class Trainer:
 
 
 def build_trainer(model: nn.Module, num_samples: int, args: argparse.Namespace, dist: DistInfo,
-                  loss_names: Sequence[str], *, max_step: int | None = None) -> tuple[Trainer, EpochBatchSampler]:
+                  loss_names: Sequence[str], *, max_step: int | None = None,
+                  group_specs: Sequence[tuple[str, float, bool]] = GROUP_SPECS,
+                  clip_grad_norm: float | None = None) -> tuple[Trainer, EpochBatchSampler]:
     """The set-up the three train scripts share, from their common flags.
 
     SGD over SEAM's four parameter groups with the poly schedule, DDP wrapping, the epoch
@@ -639,10 +647,12 @@ def build_trainer(model: nn.Module, num_samples: int, args: argparse.Namespace, 
     ``--resume``. ``max_step`` defaults to ``--max_epoches`` epochs. The (possibly DDP-wrapped)
     model is ``trainer.model``. A folder that already holds a run of this session is refused
     unless ``--resume`` or ``--overwrite`` says what to do with it (see :func:`check_new_run`).
+    ``group_specs`` and ``clip_grad_norm``: a seed method's parameter groups and gradient
+    clipping (network.methods).
     """
     start_over = check_new_run(args)
     barrier()  # every rank has looked before rank 0 creates this run's files
-    optimizer = make_sgd(parameter_groups(model, args.lr, args.wt_dec), momentum=args.momentum)
+    optimizer = make_sgd(parameter_groups(model, args.lr, args.wt_dec, group_specs), momentum=args.momentum)
     model = prepare_model(model, dist)
     sampler = EpochBatchSampler(num_samples, args.batch_size, seed=args.seed,
                                 rank=dist.rank, world_size=dist.world_size)
@@ -651,7 +661,8 @@ def build_trainer(model: nn.Module, num_samples: int, args: argparse.Namespace, 
     trainer = Trainer(model, optimizer, PolyLR(optimizer, max_step), dist, max_step=max_step,
                       steps_per_epoch=sampler.batches_per_epoch, loss_names=loss_names,
                       save_dir=args.save_dir, session_name=args.session_name,
-                      save_every=args.save_every, args=args, amp=args.amp, start_over=start_over)
+                      save_every=args.save_every, args=args, amp=args.amp, start_over=start_over,
+                      clip_grad_norm=clip_grad_norm)
     if dist.is_main:
         save_config(args, os.path.join(args.save_dir, f"{args.session_name}_config.json"), keep_previous=True)
     trainer.resume(args.resume)

@@ -61,55 +61,51 @@ class _EpochSeeded:
         return np.random.default_rng((self.seed, self.epoch, int(index)))
 
 
-class ImageListDataset(Dataset):
-    """``(image_id, uint8 HxWx3 RGB image)`` for each id."""
-
-    def __init__(self, info: DatasetInfo, ids: Sequence[str], source: str | None = None) -> None:
-        check_images(info, ids, source)
-        self.info, self.ids = info, list(ids)
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, index: int) -> tuple[str, np.ndarray]:
-        image_id = self.ids[index]
-        return image_id, read_rgb_image(self.info.image_path(image_id))
-
-
 class ClassificationDataset(_EpochSeeded, Dataset):
     """``(image_id, float32 3 x crop x crop normalised image, float32 (num_classes,) label)``.
 
     SEAM's training augmentation: resize the long side to a random length in ``resize_long``
     (bicubic), colour jitter (0.3, 0.3, 0.3, 0.1), horizontal flip, normalise, random crop
     padded with 0 (the mean). With ``augment=False``: normalise and centre-crop / pad only.
+    ``color_jitter=False``: SIPE's augmentation (no jitter). ``valid_mask=True`` adds a fourth
+    item, the float32 crop x crop mask of image pixels (1) versus padding (0).
     """
 
     def __init__(self, info: DatasetInfo, ids: Sequence[str], cls_labels: Mapping[str, np.ndarray],
                  crop_size: int = 448, resize_long: tuple[int, int] | None = (448, 768), seed: int = 0,
-                 augment: bool = True, source: str | None = None) -> None:
+                 augment: bool = True, source: str | None = None, color_jitter: bool = True,
+                 valid_mask: bool = False) -> None:
         check_images(info, ids, source)
         _check_cls_labels(info, ids, cls_labels)
         self.info, self.ids = info, list(ids)
         self.cls_labels = {image_id: np.asarray(cls_labels[image_id], dtype=np.float32) for image_id in self.ids}
         self.crop_size, self.resize_long, self.seed, self.augment = crop_size, resize_long, seed, augment
+        self.color_jitter, self.valid_mask = color_jitter, valid_mask
 
     def __len__(self) -> int:
         return len(self.ids)
 
-    def __getitem__(self, index: int) -> tuple[str, torch.Tensor, torch.Tensor]:
+    def __getitem__(self, index: int) -> tuple:
         image_id = self.ids[index]
         image = read_rgb_image(self.info.image_path(image_id))
+        height, width = image.shape[:2]
         if self.augment:
             rng = self.rng_for(index)
             if self.resize_long is not None:
                 image, _ = T.random_resize_long(image, rng, self.resize_long)
-            image = T.color_jitter(image, rng)
+                height, width = image.shape[:2]
+            if self.color_jitter:
+                image = T.color_jitter(image, rng)
             image, _ = T.random_hflip(image, rng)
-            image, _, _ = T.random_crop(T.normalize(image), self.crop_size, rng)
+            image, _, box = T.random_crop(T.normalize(image), self.crop_size, rng)
         else:
-            box = T.center_crop_box(image.shape[0], image.shape[1], self.crop_size)
+            box = T.center_crop_box(height, width, self.crop_size)
             image = T.apply_crop_box(T.normalize(image), box, self.crop_size, 0.0)
-        return image_id, torch.from_numpy(T.hwc_to_chw(image)), torch.from_numpy(self.cls_labels[image_id])
+        item = (image_id, torch.from_numpy(T.hwc_to_chw(image)), torch.from_numpy(self.cls_labels[image_id]))
+        if self.valid_mask:
+            valid = T.apply_crop_box(np.ones((height, width), np.float32), box, self.crop_size, 0.0)
+            item += (torch.from_numpy(valid),)
+        return item
 
 
 class MultiScaleDataset(Dataset):
