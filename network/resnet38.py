@@ -223,6 +223,13 @@ class ResNet38(nn.Module):
         return self
 
 
+def freeze_batchnorms(module: nn.Module) -> nn.Module:
+    """Replace every BatchNorm2d below ``module`` by a :class:`FrozenBatchNorm2d` (keys unchanged)."""
+    for child_name, child in list(module.named_children()):
+        _replace_batchnorms(child, module, child_name)
+    return module
+
+
 def _replace_batchnorms(module: nn.Module, parent: nn.Module, name: str) -> None:
     """Swap ``module`` (child ``name`` of ``parent``) and its BatchNorm descendants for frozen ones."""
     if isinstance(module, nn.BatchNorm2d):
