@@ -116,6 +116,7 @@ class TestRecipe:
     flip: bool
     align_corners: bool        # how logits are resized to the image
     crf: CrfParams
+    crf_channels: str          # channel order of the image the CRF sees ("rgb" / "bgr")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,7 +148,7 @@ SEGMENTERS: dict[str, Segmenter] = {
                     crop_size=448, lr_update_every=1, scale_choices=None, scale_range=(0.5, 1.5),
                     hsv_shift=(10, 10, 10), bn_momentum=DEEPLAB_BN_MOMENTUM),
         TestRecipe(scales=(0.5, 0.75, 1.0, 1.25, 1.5, 1.75), flip=True, align_corners=True,
-                   crf=DEEPLAB_TEST_CRF),
+                   crf=DEEPLAB_TEST_CRF, crf_channels="rgb"),
         DeepLabV1),
     "deeplabv2_resnet101": Segmenter(
         "deeplabv2_resnet101", "DeepLabV2-ResNet101", _build_v2, msc_loss, MSC_TERMS,
@@ -155,7 +156,7 @@ SEGMENTERS: dict[str, Segmenter] = {
                     crop_size=321, lr_update_every=10, scale_choices=(0.5, 0.75, 1.0, 1.25, 1.5),
                     scale_range=(0.5, 1.5), hsv_shift=None, bn_momentum=0.1),
         # Full image (the MSC model fuses 1, 0.5, 0.75 itself), no flip, bilinear resize.
-        TestRecipe(scales=(1.0,), flip=False, align_corners=False, crf=DEEPLABV2_TEST_CRF),
+        TestRecipe(scales=(1.0,), flip=False, align_corners=False, crf=DEEPLABV2_TEST_CRF, crf_channels="bgr"),
         DeepLabV2MSC),
 }
 ALIASES = {"deeplabv1": "deeplabv1_resnet38", "deeplabv2": "deeplabv2_resnet101"}
