@@ -20,8 +20,9 @@ import os
 import sys
 from typing import Sequence
 
+from network.segmenters import ALIASES, SEGMENTERS, get_segmenter
 from tool.cli import run_cli
-from tool.fileio import DataError, read_id_list
+from tool.fileio import DataError, read_id_list, read_json_if_present
 from tool.pipeline import (PROFILES, Context, Paths, StageFailed, build_stages, clear_outputs, run_stage,
                            stage_done)
 
@@ -34,6 +35,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--weights", default=None,
                         help="ImageNet ResNet38 weights (ilsvrc-cls_rna-a1_cls1000_ep-0001.params) for "
                              "every training stage; required by the voc12 and coco14 profiles")
+    parser.add_argument("--segmenter", choices=[*SEGMENTERS, *ALIASES], default="deeplabv1_resnet38",
+                        help="segmentation network of stages 4-5 (default deeplabv1_resnet38)")
+    parser.add_argument("--segmenter_weights", default=None, metavar="PATH",
+                        help="DeepLabV2 start: deeplabv1_resnet101-coco.pth (COCO segmentation, i.e. pixel "
+                             "supervision) or torchvision's resnet101-63fe2227.pth (ImageNet); default scratch")
     parser.add_argument("--profile", choices=sorted(PROFILES), default=None,
                         help="configuration (default: synthetic, or voc12/coco14 when a root is given)")
     parser.add_argument("--work_dir", default=None, help="intermediate outputs (default: runs/<profile>)")
@@ -58,7 +64,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     data_root = args.voc12_root or args.coco_root or os.path.join(args.work_dir, "data")
     ctx = Context(args.profile, profile, Paths.under(os.path.abspath(args.work_dir), os.path.abspath(data_root),
                                        os.path.abspath(args.results_dir)),
-                  imagenet_weights=args.weights and os.path.abspath(args.weights))
+                  imagenet_weights=args.weights and os.path.abspath(args.weights),
+                  segmenter=get_segmenter(args.segmenter).name, segmenter_title=get_segmenter(args.segmenter).title,
+                  segmenter_weights=args.segmenter_weights and os.path.abspath(args.segmenter_weights))
     stages = build_stages(ctx)
     names = [stage.name for stage in stages]
     chosen = args.only or args.from_stage
@@ -98,7 +106,8 @@ def build_report(ctx: Context, stages) -> str:
     paths = ctx.paths
     markers = [marker for marker in (stage_done(ctx, stage) for stage in stages) if marker]
     summary = collect_results(paths.eval, os.path.join(paths.seed_curve, "curve.json"), markers, ctx.profile_name,
-                              {"train": ctx.profile["eval_list"], "val": ctx.profile["val_list"]})
+                              {"train": ctx.profile["eval_list"], "val": ctx.profile["val_list"]},
+                              segmenter_row(ctx))
     os.makedirs(paths.results_dir, exist_ok=True)
     text = write_summary(summary, paths.results_dir)
     samples = os.path.join(paths.lists, "samples.txt")
@@ -110,6 +119,12 @@ def build_report(ctx: Context, stages) -> str:
                           summary, os.path.join(paths.seed_curve, "curve.png"))
         text += f"\nPage: {page}\n"
     return text + f"Summary: {os.path.join(paths.results_dir, 'summary.md')}\n"
+
+
+def segmenter_row(ctx: Context) -> str:
+    """The segmentation row's label: which network, and its init as the training recorded it."""
+    config = read_json_if_present(os.path.join(ctx.paths.checkpoints, f"{ctx.deeplab_session}_config.json")) or {}
+    return f"{ctx.segmenter_title} (init: {config.get('init_description', 'not recorded')})"
 
 
 if __name__ == "__main__":

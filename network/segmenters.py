@@ -85,7 +85,12 @@ def _build_v2(num_classes: int, width_mult: float, weights: str | None, bn_momen
         for module in model.modules():
             if isinstance(module, nn.BatchNorm2d):
                 module.momentum = bn_momentum
-        print("DeepLabV2MSC: no --weights, training from scratch (BatchNorm trains)")
+        # Each residual branch starts at zero (its last BN scale 0, Goyal et al. 2017): 33 blocks
+        # summed at full scale blow the ASPP logits up in the first steps from scratch.
+        for name, module in model.named_modules():
+            if name.endswith(".increase"):
+                nn.init.zeros_(module.bn.weight)
+        print("DeepLabV2MSC: no --weights, training from scratch (BatchNorm trains, residual BN scales 0)")
         return model, Start("scratch")
     kind, convention, _ = load_deeplabv2_init(model, weights)
     return model, Start(kind, convention)
