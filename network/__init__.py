@@ -11,6 +11,7 @@ import torch.nn as nn
 from network.affinity import AffinityNet
 from network.avc import AVCNet
 from network.deeplab import DeepLabV1
+from network.deeplabv2 import DeepLabV2MSC
 from network.resnet38 import ResNet38
 
 MODELS: Dict[str, Callable[..., nn.Module]] = {
@@ -18,6 +19,7 @@ MODELS: Dict[str, Callable[..., nn.Module]] = {
     "avc": AVCNet,
     "affinity": AffinityNet,
     "deeplab": DeepLabV1,
+    "deeplabv2": DeepLabV2MSC,
 }
 
 
