@@ -133,11 +133,7 @@ class Segmenter:
     loss_names: tuple[str, ...]
     train: TrainRecipe
     test: TestRecipe
-    model_class: type
-
-    def new_layers(self) -> tuple[str, ...]:
-        """Randomly initialised layers (10x / 20x lr groups of tool.training.parameter_groups)."""
-        return self.model_class.new_layers
+    model_class: type          # declares new_layers (the 10x / 20x lr groups of parameter_groups)
 
     def build_for_inference(self, num_classes: int) -> Callable[[float], nn.Module]:
         """``build(width)`` for ``network.weights.load_for_inference`` (weights loaded after)."""

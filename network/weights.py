@@ -356,7 +356,7 @@ def torchvision_to_deeplabv2_name(key: str) -> str | None:
     raise DataError(f"torchvision ResNet key {key!r} has no DeepLabV2 counterpart")
 
 
-def deeplabv2_init_kind(state: Mapping[str, torch.Tensor]) -> str:
+def deeplabv2_init_kind(state: Mapping[str, torch.Tensor], path: str) -> str:
     """Which layout a DeepLabV2 start file has (a key of :data:`DEEPLABV2_INITS`, never 'scratch')."""
     if "base.layer1.conv1.conv.weight" in state:
         return "deeplabv2_checkpoint"
@@ -364,7 +364,7 @@ def deeplabv2_init_kind(state: Mapping[str, torch.Tensor]) -> str:
         return "coco_segmentation"
     if "conv1.weight" in state and "layer1.0.conv1.weight" in state:
         return "imagenet_torchvision"
-    raise DataError("not a DeepLabV2 start: expected the reference's DeepLabV1/V2 ResNet-101 keys "
+    raise DataError(f"{path}: not a DeepLabV2 start: expected the reference's DeepLabV1/V2 ResNet-101 keys "
                     "(layer1.conv1.conv.weight, base.layer1...) or torchvision's (conv1.weight, layer1.0...)")
 
 
@@ -384,7 +384,7 @@ def load_deeplabv2_init(model: nn.Module, path: str) -> tuple[str, str, LoadRepo
     """
     loaded = _read_weights_file(path)
     file_state = _state_dict_of(loaded, path)
-    kind = deeplabv2_init_kind(file_state)
+    kind = deeplabv2_init_kind(file_state, path)
     convention = "torchvision" if kind == "imagenet_torchvision" else "caffe_bgr"
     convention = str(_saved_args(loaded).get("input_convention", convention))
     model_state = model.state_dict()

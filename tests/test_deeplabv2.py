@@ -287,6 +287,9 @@ def test_coco_init_and_released_checkpoint_load_strictly(tmp_path):
     torch.save(coco, path)
     with pytest.raises(DataError, match="missing backbone keys"):
         load_deeplabv2_init(DeepLabV2MSC(NUM_FG, width_mult=width), str(path))
+    torch.save({"b2.conv_branch1.weight": torch.zeros(1)}, path)  # a ResNet38 file
+    with pytest.raises(DataError, match="deeplabv1_resnet101-coco.pth: not a DeepLabV2 start"):
+        load_deeplabv2_init(DeepLabV2MSC(NUM_FG, width_mult=width), str(path))
 
 
 def test_torchvision_name_map_is_the_references_and_loads(tmp_path):
