@@ -285,6 +285,17 @@ def load_pretrained_backbone(model: nn.Module, path: str) -> LoadReport:
                          path, "ResNet38 backbone")
 
 
+def _raise_key_errors(header: str, sections: Tuple[Tuple[str, List[str], int], ...],
+                      extra: str | None = None) -> None:
+    """DataError ``header; label (n): keys; ...`` for each non-empty section (nothing if all are)."""
+    message = [header] + [f"{label} ({len(keys)}): {_format_keys(keys, limit)}" for label, keys, limit in sections
+                          if keys]
+    if extra:
+        message.append(extra)
+    if len(message) > 1:
+        raise DataError("; ".join(message))
+
+
 def _load_partial(model: nn.Module, values: Mapping[str, torch.Tensor], required: List[str],
                   unused: List[str], path: str, what: str) -> LoadReport:
     """Strictly load ``values`` (model key -> tensor) into ``model``; every ``required`` key must be
@@ -298,15 +309,9 @@ def _load_partial(model: nn.Module, values: Mapping[str, torch.Tensor], required
     foreign = [k for k in values if k not in model_state]
     conflicts = [f"{k}: file {tuple(v.shape)} vs model {tuple(model_state[k].shape)}"
                  for k, v in values.items() if k in model_state and v.shape != model_state[k].shape]
-    if missing or foreign or conflicts:
-        message = [f"{path}: cannot initialise the {what} of {type(model).__name__}"]
-        if missing:
-            message.append(f"missing backbone keys ({len(missing)}): {_format_keys(missing)}")
-        if foreign:
-            message.append(f"keys the model does not have ({len(foreign)}): {_format_keys(foreign)}")
-        if conflicts:
-            message.append(f"shape conflicts ({len(conflicts)}): {_format_keys(conflicts, 3)}")
-        raise DataError("; ".join(message))
+    _raise_key_errors(f"{path}: cannot initialise the {what} of {type(model).__name__}",
+                      (("missing backbone keys", missing, 12), ("keys the model does not have", foreign, 12),
+                       ("shape conflicts", conflicts, 3)))
     merged = dict(model_state)
     merged.update({k: v.to(model_state[k].dtype) for k, v in values.items()})
     model.load_state_dict(merged, strict=True)
@@ -435,15 +440,9 @@ def _load_strictly(model: nn.Module, file_state: Dict[str, torch.Tensor], path: 
     conflict = next((f"{k}: file {tuple(file_state[k].shape)} vs model {tuple(v.shape)}"
                      for k, v in model_state.items()
                      if k in file_state and file_state[k].shape != v.shape), None)
-    if missing or unexpected or conflict:
-        message = [f"{path} does not match {type(target).__name__}"]
-        if missing:
-            message.append(f"missing keys ({len(missing)}): {_format_keys(missing)}")
-        if unexpected:
-            message.append(f"unexpected keys ({len(unexpected)}): {_format_keys(unexpected)}")
-        if conflict:
-            message.append(f"first shape conflict: {conflict}")
-        raise DataError("; ".join(message))
+    _raise_key_errors(f"{path} does not match {type(target).__name__}",
+                      (("missing keys", missing, 12), ("unexpected keys", unexpected, 12)),
+                      f"first shape conflict: {conflict}" if conflict else None)
     target.load_state_dict(file_state, strict=True)
 
 
