@@ -25,6 +25,7 @@ import json
 import os
 from typing import Sequence
 
+from network.segmenters import ALIASES, SEGMENTERS, get_segmenter
 from tool.cli import run_cli
 from tool.fileio import DataError, atomic_write_text, read_id_list, read_json_if_present
 from tool.pipeline import PROFILES, Context, Paths, build_stages, run_stages, stage_done, stale_stages
@@ -50,6 +51,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="stop after this stage (e.g. eval_seed for a quick seed comparison)")
     parser.add_argument("--seed_epochs", type=int, default=None,
                         help="epochs of the seed classifier instead of the profile's (a shorter comparison)")
+    parser.add_argument("--segmenter", choices=[*SEGMENTERS, *ALIASES], default="deeplabv1_resnet38",
+                        help="segmentation network of stages 4-5 (default deeplabv1_resnet38)")
+    parser.add_argument("--segmenter_weights", default=None, metavar="PATH",
+                        help="DeepLabV2 start: deeplabv1_resnet101-coco.pth (COCO segmentation, i.e. pixel "
+                             "supervision) or torchvision's resnet101-63fe2227.pth (ImageNet); default scratch")
     parser.add_argument("--profile", choices=sorted(PROFILES), default=None,
                         help="configuration (default: synthetic, or voc12/coco14 when a root is given)")
     parser.add_argument("--work_dir", default=None, help="intermediate outputs (default: runs/<profile>)")
@@ -128,7 +134,9 @@ def run_method(args: argparse.Namespace, method: str, work_dir: str, results_dir
     ctx = Context(args.profile, profile, Paths.under(os.path.abspath(work_dir), os.path.abspath(data_root),
                                        os.path.abspath(results_dir)),
                   imagenet_weights=args.weights and os.path.abspath(args.weights), method=method,
-                  seed_imagenet_weights=args.seed_weights and os.path.abspath(args.seed_weights))
+                  seed_imagenet_weights=args.seed_weights and os.path.abspath(args.seed_weights),
+                  segmenter=get_segmenter(args.segmenter).name, segmenter_title=get_segmenter(args.segmenter).title,
+                  segmenter_weights=args.segmenter_weights and os.path.abspath(args.segmenter_weights))
     stages = build_stages(ctx)
     names = [stage.name for stage in stages]
     if args.until:
@@ -158,7 +166,8 @@ def build_report(ctx: Context, stages) -> str:
     paths = ctx.paths
     markers = [marker for marker in (stage_done(ctx, stage) for stage in stages) if marker]
     summary = collect_results(paths.eval, os.path.join(paths.seed_curve, "curve.json"), markers, ctx.profile_name,
-                              {"train": ctx.profile["eval_list"], "val": ctx.profile["val_list"]}, ctx.method)
+                              {"train": ctx.profile["eval_list"], "val": ctx.profile["val_list"]}, ctx.method,
+                              segmenter_row(ctx))
     os.makedirs(paths.results_dir, exist_ok=True)
     text = write_summary(summary, paths.results_dir)
     samples = os.path.join(paths.lists, "samples.txt")
@@ -170,6 +179,12 @@ def build_report(ctx: Context, stages) -> str:
                           summary, os.path.join(paths.seed_curve, "curve.png"))
         text += f"\nPage: {page}\n"
     return text + f"Summary: {os.path.join(paths.results_dir, 'summary.md')}\n"
+
+
+def segmenter_row(ctx: Context) -> str:
+    """The segmentation row's label: which network, and its init as the training recorded it."""
+    config = read_json_if_present(os.path.join(ctx.paths.checkpoints, f"{ctx.deeplab_session}_config.json")) or {}
+    return f"{ctx.segmenter_title} (init: {config.get('init_description', 'not recorded')})"
 
 
 if __name__ == "__main__":

@@ -1,11 +1,20 @@
-"""Stage 5: segment images with a trained DeepLabV1-ResNet38, write PNGs, report the mIoU.
+"""Stage 5: segment images with a trained DeepLab network, write PNGs, report the mIoU.
 
-As the DeepLabV1 "seamv1-pseudovoc" release tests: the normalised image is resized (OpenCV
-bicubic) to each scale of ``--scales`` and, with ``--flip``, mirrored; all views of one scale
-share one batched forward; the logits of every view are upsampled to the image size
-(bilinear, align_corners=True), flipped back and averaged, then softmax; with ``--crf`` a
-dense CRF (1 iteration, Gaussian sxy 3 / compat 3, bilateral sxy 32 / srgb 13 / compat 10)
-refines the probabilities; the label is their argmax.
+The architecture comes from the checkpoint (its ``arch`` flag; a ``base.*`` state dict is a
+DeepLabV2 release of the reference), and with it the test recipe of ``network.segmenters``:
+
+* DeepLabV1-ResNet38, as the "seamv1-pseudovoc" release tests: the normalised image is resized
+  (OpenCV bicubic) to each scale of ``--scales`` and, with ``--flip``, mirrored; all views of
+  one scale share one batched forward; the logits of every view are upsampled to the image size
+  (bilinear, align_corners=True), flipped back and averaged, then softmax; with ``--crf`` a
+  dense CRF (1 iteration, Gaussian sxy 3 / compat 3, bilateral sxy 32 / srgb 13 / compat 10).
+* DeepLabV2-ResNet101, as kazuto1011/deeplab-pytorch: the full image in the network's input
+  convention, the MSC max of the 1, 0.5, 0.75 passes, bilinear (align_corners=False) to the
+  image size, softmax; CRF 10 iterations, Gaussian sxy 1 / compat 3, bilateral sxy 67 / srgb 3
+  / compat 4 on the image (``--crf_image reference``: on the mean-subtracted BGR image cast to
+  uint8, values wrapped, which is what the reference's ``main.py crf`` feeds it).
+
+The label is the argmax.
 
 Outputs: ``<out_dir>/<id>.png`` (VOC palette; existing files are skipped, so an interrupted
 run resumes), with ``--submission`` also ``<out_dir>/results/VOC2012/Segmentation/
@@ -33,12 +42,13 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 import evaluation
-from network.deeplab import DeepLabV1
-from network.weights import load_for_inference
+from network.deeplabv2 import CAFFE_MEAN_BGR, to_input_convention
+from network.segmenters import Segmenter, arch_of, get_segmenter
+from network.weights import checkpoint_info, load_for_inference
 from tool import transforms as T
 from tool.cli import (add_dataset_args, add_inference_model_args, add_overwrite_arg, add_parallel_args, add_shard_args,
                       non_negative_int, positive_float, run_cli, shard_list)
-from tool.crf import DEEPLAB_TEST_CRF, dense_crf
+from tool.crf import DEEPLAB_TEST_CRF, CrfParams, dense_crf, wrapped_mean_subtracted
 from tool.datasets import DatasetInfo, get_dataset_info
 from tool.distributed import barrier, cleanup, setup_distributed
 from tool.fileio import read_id_list, read_rgb_image, save_palette_png
@@ -109,23 +119,46 @@ def fuse_view_logits(view_logits: torch.Tensor) -> torch.Tensor:
 
 
 def predict_probabilities(model: torch.nn.Module, views: Sequence[torch.Tensor], image_hw: tuple[int, int],
-                          device: torch.device | str = "cpu", amp: bool = True) -> np.ndarray:
-    """Class probabilities (C, H, W) float32 from multi-scale (+ flip) views of one image."""
-    return predict_probabilities_many(model, [views], [image_hw], device, amp)[0]
+                          device: torch.device | str = "cpu", amp: bool = True, align_corners: bool = True,
+                          convention: str = "torchvision") -> np.ndarray:
+    """Class probabilities (C, H, W) float32 from multi-scale (+ flip) views of one image.
+
+    The views are torchvision-normalised; the network sees them in ``convention``; logits are
+    resized to the image with ``align_corners`` (DeepLabV1 True, DeepLabV2 False).
+    """
+    return predict_probabilities_many(model, [views], [image_hw], device, amp, align_corners, convention)[0]
 
 
 def predict_probabilities_many(model: torch.nn.Module, views_per_image: Sequence[Sequence[torch.Tensor]],
                                image_hws: Sequence[tuple[int, int]], device: torch.device | str = "cpu",
-                               amp: bool = True) -> list[np.ndarray]:
+                               amp: bool = True, align_corners: bool = True,
+                               convention: str = "torchvision") -> list[np.ndarray]:
     """:func:`predict_probabilities` of several images, views of equal shape in one forward."""
-    maps = forward_views_many(model, views_per_image, image_hws, align_corners=True, device=device, amp=amp)
+    maps = forward_views_many(lambda x: model(to_input_convention(x, convention)), views_per_image, image_hws,
+                              align_corners=align_corners, device=device, amp=amp)
     return [fuse_view_logits(logits).cpu().numpy().astype(np.float32, copy=False) for logits in maps]
 
 
-def label_from_probabilities(image: np.ndarray, probs: np.ndarray, crf: bool) -> np.ndarray:
-    """uint8 HxW label map: argmax of ``probs``, after the DeepLab test CRF if ``crf``."""
+def crf_input_image(image: np.ndarray, mode: str) -> np.ndarray:
+    """The uint8 image the CRF sees, from the RGB ``image``: ``"rgb"``; ``"bgr"`` (DeepLabV2's
+    demo.py: the colour std is equal per channel, but pydensecrf's permutohedral lattice is not
+    exactly symmetric in the channels, so the order changes a few marginals); ``"reference"``:
+    DeepLabV2 ``main.crf``'s mean-subtracted BGR image wrapped to uint8 (its bug, for a flag)."""
+    if mode == "rgb":
+        return image
+    bgr = np.ascontiguousarray(image[:, :, ::-1])
+    if mode == "bgr":
+        return bgr
+    if mode == "reference":
+        return wrapped_mean_subtracted(bgr, CAFFE_MEAN_BGR)
+    raise ValueError(f"unknown CRF image mode {mode!r}")
+
+
+def label_from_probabilities(image: np.ndarray, probs: np.ndarray, crf: bool,
+                             params: CrfParams = DEEPLAB_TEST_CRF) -> np.ndarray:
+    """uint8 HxW label map: argmax of ``probs``, after the test CRF ``params`` if ``crf``."""
     if crf:
-        probs = dense_crf(image, probs, DEEPLAB_TEST_CRF)
+        probs = dense_crf(image, probs, params)
     return np.argmax(probs, axis=0).astype(np.uint8)
 
 
@@ -137,9 +170,11 @@ def output_paths(out_dir: str, image_id: str, submission: bool) -> list[str]:
     return paths
 
 
-def write_prediction(args: argparse.Namespace, item: dict[str, Any], probs: np.ndarray) -> str:
-    """The label PNG(s) of one image from its fused probabilities (CRF with ``--crf``); returns the id."""
-    label = label_from_probabilities(item["image"], probs, args.crf)
+def write_prediction(args: argparse.Namespace, item: dict[str, Any], probs: np.ndarray, crf_mode: str = "rgb",
+                     crf_params: CrfParams = DEEPLAB_TEST_CRF) -> str:
+    """The label PNG(s) of one image from its fused probabilities (the test CRF ``crf_params``
+    on the :func:`crf_input_image` of ``crf_mode`` with ``--crf``); returns the id."""
+    label = label_from_probabilities(crf_input_image(item["image"], crf_mode), probs, args.crf, crf_params)
     for path in output_paths(args.out_dir, item["id"], args.submission):
         save_palette_png(path, label)
     return item["id"]
@@ -151,15 +186,20 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataset_args(parser)
     add_inference_model_args(parser)
     add_shard_args(parser)
-    parser.add_argument("--weights", required=True, metavar="PATH", help="trained DeepLabV1 checkpoint (.pth)")
+    parser.add_argument("--weights", required=True, metavar="PATH",
+                        help="trained DeepLab checkpoint (.pth; the architecture is read from it)")
     parser.add_argument("--infer_list", required=True, metavar="FILE", help="ids of the images to segment")
     parser.add_argument("--out_dir", required=True, metavar="DIR", help="folder for the <id>.png predictions")
-    parser.add_argument("--scales", type=positive_float, nargs="+", default=list(DEFAULT_SCALES),
-                        help=f"test scales (default {' '.join(map(str, DEFAULT_SCALES))})")
-    parser.add_argument("--flip", action=argparse.BooleanOptionalAction, default=True,
-                        help="also run the mirrored image at every scale (default on)")
+    parser.add_argument("--scales", type=positive_float, nargs="+", default=None,
+                        help=f"test scales (default: the architecture's; DeepLabV1 "
+                             f"{' '.join(map(str, DEFAULT_SCALES))}, DeepLabV2 1.0, its MSC inside)")
+    parser.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
+                        help="also run the mirrored image at every scale (default: DeepLabV1 on, V2 off)")
     parser.add_argument("--crf", action=argparse.BooleanOptionalAction, default=True,
-                        help="dense CRF on the fused probabilities (default on)")
+                        help="dense CRF on the fused probabilities, the architecture's parameters (default on)")
+    parser.add_argument("--crf_image", choices=("image", "reference"), default="image",
+                        help="what the DeepLabV2 CRF sees: the image (default) or, as the reference's "
+                             "main.py crf, the mean-subtracted BGR image cast to uint8 (values wrap)")
     parser.add_argument("--submission", action=argparse.BooleanOptionalAction, default=False,
                         help=f"also write <out_dir>/{SUBMISSION_SUBDIR}/<id>.png for the VOC test server")
     parser.add_argument("--num_workers", type=non_negative_int, default=2,
@@ -188,6 +228,18 @@ def evaluate_if_possible(args: argparse.Namespace, info: DatasetInfo, ids: Seque
     return results
 
 
+def checkpoint_segmenter(weights: str) -> tuple[Segmenter, str]:
+    """The segmenter of a checkpoint and the input convention it was trained with (a release of
+    the reference, without flags, expects the Caffe one); logs both with the init."""
+    saved, keys = checkpoint_info(weights)
+    segmenter = get_segmenter(arch_of(saved, keys))
+    default = "caffe_bgr" if not saved and segmenter.name == "deeplabv2_resnet101" else "torchvision"
+    convention = str(saved.get("input_convention", default))
+    logger.info("%s: %s, init %s, input convention %s", weights, segmenter.title,
+                saved.get("init_description", saved.get("init", "not recorded")), convention)
+    return segmenter, convention
+
+
 def run(args: argparse.Namespace) -> dict[str, Any] | None:
     """Segment the list as the flags say; returns the evaluation results (None without gt)."""
     dist = setup_distributed()
@@ -201,15 +253,21 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
         logger.info("%d images in this part of %s, %d already done", len(my_ids), args.infer_list,
                     len(my_ids) - len(todo))
         if todo:
-            model = load_for_inference(lambda width: DeepLabV1(num_classes=info.num_classes, width_mult=width),
-                                       args.weights, args.width_mult, dist.device)
-            dataset = DeepLabTestDataset(info, todo, args.scales, args.flip, source=args.infer_list)
+            segmenter, convention = checkpoint_segmenter(args.weights)
+            scales = args.scales or segmenter.test.scales
+            flip = segmenter.test.flip if args.flip is None else args.flip
+            model = load_for_inference(segmenter.build_for_inference(info.num_classes), args.weights,
+                                       args.width_mult, dist.device)
+            crf_mode = "reference" if args.crf_image == "reference" else segmenter.test.crf_channels
+            dataset = DeepLabTestDataset(info, todo, scales, flip, source=args.infer_list)
 
             def infer(items: list[dict[str, Any]]) -> list[np.ndarray]:
                 return predict_probabilities_many(model, [item["views"] for item in items],
-                                                  [item["image"].shape[:2] for item in items], dist.device, args.amp)
+                                                  [item["image"].shape[:2] for item in items], dist.device, args.amp,
+                                                  segmenter.test.align_corners, convention)
 
-            results = run_images(dataset, infer, functools.partial(write_prediction, args), device=dist.device, threads=args.threads,
+            finish = functools.partial(write_prediction, args, crf_mode=crf_mode, crf_params=segmenter.test.crf)
+            results = run_images(dataset, infer, finish, device=dist.device, threads=args.threads,
                                  batch_images=args.batch_images, num_workers=args.num_workers,
                                  key=lambda item: tuple(tuple(view.shape) for view in item["views"]),
                                  strip=("views",))

@@ -13,6 +13,7 @@ import torch.nn as nn
 from network.affinity import AffinityNet
 from network.avc import AVCNet
 from network.deeplab import DeepLabV1
+from network.deeplabv2 import DeepLabV2MSC
 from network.resnet38 import ResNet38
 from network.sipe import SIPENet
 
@@ -22,6 +23,7 @@ MODELS: Dict[str, Callable[..., nn.Module]] = {
     "affinity": AffinityNet,
     "deeplab": DeepLabV1,
     "sipe": SIPENet,  # also AE-SIPE (affinity_enhanced=True); seed methods: network/methods.py
+    "deeplabv2": DeepLabV2MSC,
 }
 
 

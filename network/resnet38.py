@@ -173,3 +173,10 @@ class ResNet38(nn.Module):
             for parameter in getattr(self, top_name).parameters():
                 parameter.requires_grad_(False)
         return self
+
+
+def freeze_batchnorms(module: nn.Module) -> nn.Module:
+    """Replace every BatchNorm2d below ``module`` by a :class:`FrozenBatchNorm2d` (keys unchanged)."""
+    for child_name, child in list(module.named_children()):
+        replace_batchnorms(child, module, child_name)
+    return module

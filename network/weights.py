@@ -135,50 +135,158 @@ def load_pretrained_backbone(model: nn.Module, path: str) -> LoadReport:
     """
     file_state = read_state_dict(path)
     prefix, backbone = _find_backbone(model)
-    model_state = model.state_dict()
     backbone_keys = [prefix + k for k in backbone.backbone_state_keys()]
-
     values: Dict[str, torch.Tensor] = {}
     used_file_keys = set()
-    missing, conflicts = [], []
     for model_key in backbone_keys:
         relative_key = model_key[len(prefix):]
         file_key = model_key if model_key in file_state else relative_key
-        if file_key not in file_state:
-            if not model_key.endswith("num_batches_tracked"):
-                missing.append(model_key)
-            continue
-        value = file_state[file_key]
-        if value.shape != model_state[model_key].shape:
-            conflicts.append(f"{model_key}: file {tuple(value.shape)} vs model "
-                             f"{tuple(model_state[model_key].shape)}")
-            continue
-        values[model_key] = value
-        used_file_keys.add(file_key)
-    if missing or conflicts:
-        message = [f"{path}: cannot initialise the {type(backbone).__name__} backbone of {type(model).__name__}"]
-        if missing:
-            message.append(f"missing backbone keys ({len(missing)}): {_format_keys(missing)}")
-        if conflicts:
-            message.append(f"shape conflicts ({len(conflicts)}): {_format_keys(conflicts, 3)}")
-        raise DataError("; ".join(message))
-
+        if file_key in file_state:
+            values[model_key] = file_state[file_key]
+            used_file_keys.add(file_key)
     # Into the backbone module itself: a model that registers it under several names (SIPE's
     # aliases) gets the values under every name.
-    backbone_state = backbone.state_dict()
-    backbone_state.update({k[len(prefix):]: v.to(model_state[k].dtype) for k, v in values.items()})
-    backbone.load_state_dict(backbone_state, strict=True)
+    return _load_partial(model, values, backbone_keys, [k for k in file_state if k not in used_file_keys],
+                         path, f"{type(backbone).__name__} backbone", into=(backbone, prefix))
 
+
+def _raise_key_errors(header: str, sections: Tuple[Tuple[str, List[str], int], ...],
+                      extra: str | None = None) -> None:
+    """DataError ``header; label (n): keys; ...`` for each non-empty section (nothing if all are)."""
+    message = [header] + [f"{label} ({len(keys)}): {_format_keys(keys, limit)}" for label, keys, limit in sections
+                          if keys]
+    if extra:
+        message.append(extra)
+    if len(message) > 1:
+        raise DataError("; ".join(message))
+
+
+def _load_partial(model: nn.Module, values: Mapping[str, torch.Tensor], required: List[str],
+                  unused: List[str], path: str, what: str,
+                  into: Tuple[nn.Module, str] | None = None) -> LoadReport:
+    """Strictly load ``values`` (model key -> tensor) into ``model``; every ``required`` key must be
+    among them with the model's shape, any other value must fit too; the rest stays as initialised.
+
+    The generic step behind every partial start (ResNet38 backbone, DeepLabV2 init): raises
+    DataError naming the missing keys and the first shape conflicts. ``into`` = (module, its
+    state-dict prefix): load into that sub-module, so every name it is registered under gets
+    the values.
+    """
+    model_state = model.state_dict()
+    missing = [k for k in required if k not in values and not k.endswith("num_batches_tracked")]
+    foreign = [k for k in values if k not in model_state]
+    conflicts = [f"{k}: file {tuple(v.shape)} vs model {tuple(model_state[k].shape)}"
+                 for k, v in values.items() if k in model_state and v.shape != model_state[k].shape]
+    _raise_key_errors(f"{path}: cannot initialise the {what} of {type(model).__name__}",
+                      (("missing backbone keys", missing, 12), ("keys the model does not have", foreign, 12),
+                       ("shape conflicts", conflicts, 3)))
+    target, prefix = into if into is not None else (model, "")
+    merged = target.state_dict()
+    merged.update({k[len(prefix):]: v.to(model_state[k].dtype) for k, v in values.items()})
+    target.load_state_dict(merged, strict=True)
     report = LoadReport(loaded=sorted(values),
                         new_keys=[k for k in model_state if k not in values
                                   and not k.endswith("num_batches_tracked")],
-                        unused_keys=[k for k in file_state if k not in used_file_keys])
-    print(f"loaded {len(report.loaded)} backbone tensors from {path}")
+                        unused_keys=list(unused))
+    print(f"loaded {len(report.loaded)} {what} tensors from {path}")
     if report.new_keys:
         print(f"  new (not in the pretrained file): {_format_keys(report.new_keys)}")
     if report.unused_keys:
         print(f"  file keys not used: {_format_keys(report.unused_keys)}")
     return report
+
+
+# ------------------------------------------------------------------ DeepLabV2 (Caffe ResNet-101) starts
+# What a DeepLabV2 training starts from, recorded with every result: a COCO-segmentation init is
+# pixel supervision, which weakly supervised results must declare.
+DEEPLABV2_INITS = {
+    "coco_segmentation": "COCO segmentation (deeplabv1_resnet101-coco.pth, pixel labels)",
+    "imagenet_torchvision": "ImageNet classification (torchvision resnet101)",
+    "deeplabv2_checkpoint": "a trained DeepLabV2 checkpoint",
+    "scratch": "scratch (random init)",
+}
+_TV_SUFFIX = {"conv1": "reduce", "bn1": "reduce", "conv2": "conv3x3", "bn2": "conv3x3",
+              "conv3": "increase", "bn3": "increase"}
+
+
+def torchvision_to_deeplabv2_name(key: str) -> str | None:
+    """torchvision ResNet key -> DeepLabV2MSC key (None for the 1000-way ``fc``).
+
+    ``conv1``/``bn1`` -> ``base.layer1.conv1.conv``/``.bn``; ``layer{i}.{j}.conv1/bn1`` ->
+    ``base.layer{i+1}.block{j+1}.reduce.conv/bn`` (``2`` -> ``conv3x3``, ``3`` -> ``increase``);
+    ``downsample.0/1`` -> ``shortcut.conv/bn`` (the reference README's derived map).
+    """
+    parts = key.split(".")
+    if parts[0] == "fc":
+        return None
+    if parts[0] in ("conv1", "bn1") and len(parts) == 2:
+        return f"base.layer1.conv1.{'conv' if parts[0] == 'conv1' else 'bn'}.{parts[1]}"
+    if parts[0].startswith("layer") and len(parts) >= 4:
+        block = f"base.layer{int(parts[0][5:]) + 1}.block{int(parts[1]) + 1}"
+        if parts[2] == "downsample" and len(parts) == 5:
+            return f"{block}.shortcut.{'conv' if parts[3] == '0' else 'bn'}.{parts[4]}"
+        if parts[2] in _TV_SUFFIX and len(parts) == 4:
+            return f"{block}.{_TV_SUFFIX[parts[2]]}.{'conv' if parts[2].startswith('conv') else 'bn'}.{parts[3]}"
+    raise DataError(f"torchvision ResNet key {key!r} has no DeepLabV2 counterpart")
+
+
+def deeplabv2_init_kind(state: Mapping[str, torch.Tensor], path: str) -> str:
+    """Which layout a DeepLabV2 start file has (a key of :data:`DEEPLABV2_INITS`, never 'scratch')."""
+    if "base.layer1.conv1.conv.weight" in state:
+        return "deeplabv2_checkpoint"
+    if "layer1.conv1.conv.weight" in state:
+        return "coco_segmentation"
+    if "conv1.weight" in state and "layer1.0.conv1.weight" in state:
+        return "imagenet_torchvision"
+    raise DataError(f"{path}: not a DeepLabV2 start: expected the reference's DeepLabV1/V2 ResNet-101 keys "
+                    "(layer1.conv1.conv.weight, base.layer1...) or torchvision's (conv1.weight, layer1.0...)")
+
+
+def load_deeplabv2_init(model: nn.Module, path: str) -> tuple[str, str, LoadReport]:
+    """Start a ``DeepLabV2MSC`` from ``path``; returns (init kind, input convention, load report).
+
+    * ``deeplabv1_resnet101-coco.pth`` (626 keys, no prefix): the backbone is taken under
+      ``base.``, the 91-class COCO ``fc`` is dropped (as the reference), the ASPP is new.
+    * torchvision ``resnet101-63fe2227.pth``: renamed by :func:`torchvision_to_deeplabv2_name`,
+      ``fc`` dropped, ASPP new (torchvision's weights then expect torchvision's input).
+    * a DeepLabV2 checkpoint (``base.*``: the reference's release or ours): the backbone, and
+      the ASPP when its class count matches (else the ASPP is new).
+
+    Every backbone tensor must be there with the model's shape (DataError otherwise). The
+    input convention is the one the weights expect: ``caffe_bgr`` for the reference's files,
+    ``torchvision`` for torchvision's, the saved one for our checkpoints.
+    """
+    loaded = _read_weights_file(path)
+    file_state = _state_dict_of(loaded, path)
+    kind = deeplabv2_init_kind(file_state, path)
+    convention = "torchvision" if kind == "imagenet_torchvision" else "caffe_bgr"
+    convention = str(_saved_args(loaded).get("input_convention", convention))
+    model_state = model.state_dict()
+    aspp = [k for k in model_state if k.startswith("base.aspp.")]
+    backbone = [k for k in model_state if k.startswith("base.") and k not in aspp]
+    values: Dict[str, torch.Tensor] = {}
+    unused: List[str] = []
+    for key, value in file_state.items():
+        if kind == "imagenet_torchvision":
+            target = torchvision_to_deeplabv2_name(key)
+        elif kind == "coco_segmentation":
+            target = None if key.startswith("fc.") else "base." + key
+        else:
+            target = key
+        if target in aspp and value.shape != model_state[target].shape:
+            target = None  # a classifier of another class count: the ASPP starts anew
+        if target is None:
+            unused.append(key)
+        else:
+            values[target] = value
+    return kind, convention, _load_partial(model, values, backbone, unused, path, "DeepLabV2 ResNet-101")
+
+
+def checkpoint_info(path: str) -> Tuple[Dict[str, object], List[str]]:
+    """The flags a checkpoint was trained with (``{}`` for a bare state dict such as a
+    release) and its state-dict keys."""
+    loaded = _read_weights_file(path)
+    return _saved_args(loaded), list(_state_dict_of(loaded, path))
 
 
 def load_trained(model: nn.Module, path: str) -> None:

@@ -32,8 +32,8 @@ def assert_resume_is_bit_exact(run: Callable[[Sequence[str]], torch.nn.Module], 
     straight = run(straight_argv)
     original_step = Trainer.step
 
-    def crash_after_step(self, loss, terms):
-        original_step(self, loss, terms)
+    def crash_after_step(self, loss, terms, **kwargs):
+        original_step(self, loss, terms, **kwargs)
         if self.global_step == crash_after:
             raise Crash()
 

@@ -188,3 +188,28 @@ def test_two_process_torchrun_keeps_identical_weights(dataset, tmp_path):
                        "--bn_momentum", "0.1")
     ranks = train_on_two_ranks("train_deeplab", argv, tmp_path)
     assert_ranks_agree_with_checkpoint(ranks, tmp_path / "ddp" / "ddp.pth", steps=2)
+
+
+def test_deeplabv2_trains_with_accumulation_and_tests_from_its_checkpoint(dataset, tmp_path):
+    """--arch deeplabv2: the MSC loss terms are logged, the init and convention recorded, and
+    test_deeplab.py reads the architecture back from the checkpoint (both CRF images)."""
+    save_dir = str(tmp_path / "ck")
+    argv = _train_argv(dataset, save_dir, "v2", "--arch", "deeplabv2", "--iter_size", "2", "--max_iters", "3",
+                       "--lr", "0.002")
+    train_deeplab.run(train_deeplab.parse_args(argv))
+    rows = log_rows(save_dir, "v2")
+    assert len(rows) == 3 and {"ce_s1", "ce_s050", "ce_s075", "ce_max"} <= set(rows[0])
+    for row in rows:
+        terms = [float(row[name]) for name in ("ce_s1", "ce_s050", "ce_s075", "ce_max")]
+        assert float(row["loss"]) == pytest.approx(sum(terms), rel=1e-4)
+    saved = read_checkpoint(os.path.join(save_dir, "v2.pth"))["args"]
+    assert (saved["arch"], saved["init"], saved["input_convention"]) == ("deeplabv2_resnet101", "scratch", "torchvision")
+    assert saved["iter_size"] == 2 and saved["lr_update_every"] == 10 and saved["wt_dec"] == 5e-4
+    for crf_image in ("image", "reference"):
+        out_dir = str(tmp_path / crf_image)
+        test_deeplab.run(test_deeplab.parse_args([
+            "--dataset", "synthetic", "--voc12_root", dataset["root"], "--weights", os.path.join(save_dir, "v2.pth"),
+            "--out_dir", out_dir, "--num_workers", "0", "--infer_list", dataset["val"], "--crf_image", crf_image]))
+        assert read_label_png(os.path.join(out_dir, "img0.png")).shape == (SIZE, SIZE)
+    with pytest.raises(SystemExit):
+        train_deeplab.parse_args(argv + ["--batch_size", "3"])  # not a multiple of --iter_size 2

@@ -34,6 +34,19 @@ class CrfParams:
 SEED_CRF = CrfParams()
 # DeepLabV1 test-time CRF (DESIGN Stage 4-5; semantic-segmentation-codebase DenseCRF).
 DEEPLAB_TEST_CRF = CrfParams(iterations=1, bilateral_sxy=32)
+# DeepLabV2 test-time CRF (kazuto1011/deeplab-pytorch configs/voc12.yaml: ITER_MAX 10, POS_W 3,
+# POS_XY_STD 1, BI_W 4, BI_XY_STD 67, BI_RGB_STD 3).
+DEEPLABV2_TEST_CRF = CrfParams(iterations=10, gauss_sxy=1, gauss_compat=3, bilateral_sxy=67,
+                               bilateral_srgb=3, bilateral_compat=4)
+
+
+def wrapped_mean_subtracted(image: np.ndarray, mean: tuple[float, float, float]) -> np.ndarray:
+    """What DeepLabV2's ``main.crf`` hands the CRF instead of the image (its bug, for a flag):
+    float32(image) - mean cast to uint8, i.e. truncated toward zero, then modulo 256, so pixels
+    darker than the mean wrap to bright values. ``image`` and ``mean`` in the same channel order."""
+    subtracted = image.astype(np.float32) - np.asarray(mean, dtype=np.float64)
+    subtracted = subtracted.astype(np.float32)
+    return np.mod(np.trunc(subtracted).astype(np.int64), 256).astype(np.uint8)
 
 
 def _import_pydensecrf():

@@ -61,9 +61,13 @@ PROFILES: dict[str, dict[str, Any]] = {
         # lr is the published 0.001: at 0.01 the head collapses to all-background.
         "train_deeplab": {"batch_size": 8, "max_iters": 500, "lr": 0.001, "crop_size": 112,
                           "flags": ("--bn_momentum", "0.1")},
+        # DeepLabV2 (--segmenter deeplabv2_resnet101) from scratch at width 0.125: batch 2 x 2, lr
+        # 0.002 (at 0.01 the summed ASPP logits blow up), BatchNorm trains (momentum 0.1).
+        "train_deeplabv2": {"batch_size": 4, "iter_size": 2, "max_iters": 200, "lr": 0.002, "crop_size": 112},
         # One scale: on 112-pixel images the 0.75 view's 11 x 11 grid costs more than fusion gains
         # (measured on val: 1.0 alone 27.6, 0.75/1.0/1.25 24.7, both with the CRF).
         "test_deeplab": {"scales": (1.0,)},
+        "test_deeplabv2": {"scales": (1.0,)},
     },
     "voc12": {
         "dataset": "voc12",
@@ -82,6 +86,9 @@ PROFILES: dict[str, dict[str, Any]] = {
         "infer_aff": {"alpha": 6.0, "beta": 8, "logt": 8},
         "train_deeplab": {"batch_size": 10, "max_iters": 20000, "lr": 0.001, "crop_size": 448},
         "test_deeplab": {"scales": (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)},
+        # The published DeepLabV2 schedule (its MSC 1, 0.5, 0.75 runs inside the network).
+        "train_deeplabv2": {"batch_size": 10, "iter_size": 2, "max_iters": 20000, "lr": 2.5e-4, "crop_size": 321},
+        "test_deeplabv2": {"scales": (1.0,)},
     },
 }
 PROFILES["coco14"] = {**PROFILES["voc12"], "dataset": "coco14", "train_list": "train", "eval_list": "train"}
@@ -96,6 +103,7 @@ PROFILES["tiny"] = {
     "infer_sipe": {"scales": (1.0, 1.5)},
     "train_aff": {**PROFILES["synthetic"]["train_aff"], "max_epoches": 1, "crop_size": 64},
     "train_deeplab": {**PROFILES["synthetic"]["train_deeplab"], "max_iters": 4, "crop_size": 64},
+    "train_deeplabv2": {**PROFILES["synthetic"]["train_deeplabv2"], "max_iters": 4, "crop_size": 64},
     "test_deeplab": {"scales": (1.0,)},
 }
 
@@ -175,6 +183,24 @@ class Context:
     @property
     def seed_on_resnet38(self) -> bool:
         return self.seed_method.backbones[0] == "resnet38"
+    # Stages 4-5: a name of network.segmenters.SEGMENTERS, and its start (DeepLabV2: the COCO
+    # or torchvision ResNet-101 file; None = DeepLabV1's usual start, or DeepLabV2 from scratch).
+    segmenter: str = "deeplabv1_resnet38"
+    segmenter_title: str = "DeepLabV1-ResNet38"
+    segmenter_weights: str | None = None
+
+    @property
+    def is_deeplabv2(self) -> bool:
+        return self.segmenter == "deeplabv2_resnet101"
+
+    @property
+    def deeplab_session(self) -> str:
+        """Checkpoint/config name of stage 4; one per network, so switching never resumes the other."""
+        return "deeplabv2" if self.is_deeplabv2 else "deeplab"
+
+    def segmenter_settings(self, stage: str) -> str:
+        """Profile key of a DeepLab stage's settings (``train_deeplab`` -> ``train_deeplabv2``)."""
+        return f"{stage}v2" if self.is_deeplabv2 else stage
 
     def eval_json(self, name: str) -> str:
         return os.path.join(self.paths.eval, f"{name}.json")
@@ -204,13 +230,18 @@ def training_flags(ctx: Context, stage: str) -> list[str]:
         flags += ["--max_epoches", settings["max_epoches"]]
     if "momentum" in settings:
         flags += ["--momentum", settings["momentum"]]
+    if "iter_size" in settings:
+        flags += ["--iter_size", settings["iter_size"]]
     return flags + list(settings.get("flags", ()))
 
 
 def weights_flags(ctx: Context, stage: str) -> list[str]:
     """``--weights`` of a training stage: ImageNet weights, else (synthetic) the seed classifier's
-    ResNet38 backbone (AffinityNet and DeepLab are ResNet38 networks: a SIPE seed classifier's
-    ResNet-50 cannot start them, so they train from scratch there)."""
+    ResNet38 backbone (AffinityNet and DeepLabV1 are ResNet38 networks: a SIPE seed classifier's
+    ResNet-50 cannot start them, so they train from scratch there); DeepLabV2 has its own
+    ResNet-101 start (``segmenter_weights``) or none (scratch)."""
+    if stage.startswith("train_deeplabv2"):
+        return ["--weights", ctx.segmenter_weights] if ctx.segmenter_weights else []
     if stage in ("train_avc", "train_sipe") and not ctx.seed_on_resnet38:
         return ["--weights", ctx.seed_imagenet_weights] if ctx.seed_imagenet_weights else []
     if ctx.imagenet_weights:
@@ -251,8 +282,9 @@ def build_stages(ctx: Context) -> list[Stage]:
     method = ctx.seed_method
     avc_weights = os.path.join(p.checkpoints, f"{ctx.seed_session}.pth")  # the seed classifier, any method
     aff_weights = os.path.join(p.checkpoints, "aff.pth")
-    deeplab_weights = os.path.join(p.checkpoints, "deeplab.pth")
+    deeplab_weights = os.path.join(p.checkpoints, f"{ctx.deeplab_session}.pth")
     workers = str(profile["num_workers"])
+    train_settings, test_settings = ctx.segmenter_settings("train_deeplab"), ctx.segmenter_settings("test_deeplab")
 
     def checkpoint_files(session: str) -> tuple[str, ...]:
         return tuple(os.path.join(p.checkpoints, f"{session}{suffix}")
@@ -309,13 +341,13 @@ def build_stages(ctx: Context) -> list[Stage]:
         Stage("eval_rw", lambda c: evaluate("rw", p.rw_masks, eval_list, "--type", "png"),
               "random-walk mask mIoU", (ctx.eval_json("rw"),)),
         Stage("train_deeplab", lambda c: [
-            "train_deeplab.py", *dataset_flags(c), "--train_list", train_list, "--pseudo_dir", p.rw_masks,
-            "--session_name", "deeplab", *_strings(training_flags(c, "train_deeplab")),
-            "--max_iters", str(profile["train_deeplab"]["max_iters"])],
-            "DeepLabV1 on the random-walk masks", checkpoint_files("deeplab")),
+            "train_deeplab.py", *dataset_flags(c), "--arch", c.segmenter, "--train_list", train_list,
+            "--pseudo_dir", p.rw_masks, "--session_name", c.deeplab_session,
+            *_strings(training_flags(c, train_settings)), "--max_iters", str(profile[train_settings]["max_iters"])],
+            f"{ctx.segmenter_title} on the random-walk masks", checkpoint_files(ctx.deeplab_session)),
         Stage("test_deeplab", lambda c: [
             "test_deeplab.py", *dataset_flags(c), "--weights", deeplab_weights, "--infer_list", val_list,
-            "--out_dir", p.deeplab_val, "--scales", *_strings(profile["test_deeplab"]["scales"]),
+            "--out_dir", p.deeplab_val, "--scales", *_strings(profile[test_settings]["scales"]),
             "--num_workers", workers],
             "DeepLab predictions on val", (p.deeplab_val,)),
         Stage("eval_deeplab", lambda c: evaluate("deeplab", p.deeplab_val, val_list, "--type", "png"),
@@ -323,7 +355,7 @@ def build_stages(ctx: Context) -> list[Stage]:
         Stage("test_deeplab_samples", lambda c: [
             "test_deeplab.py", *dataset_flags(c), "--weights", deeplab_weights, "--infer_list",
             write_samples_list(c, samples_list), "--out_dir", p.deeplab_samples,
-            "--scales", *_strings(profile["test_deeplab"]["scales"]), "--num_workers", workers],
+            "--scales", *_strings(profile[test_settings]["scales"]), "--num_workers", workers],
             "DeepLab predictions on the sample images of the results page", (p.deeplab_samples,)),
     ]
     return stages

@@ -37,8 +37,11 @@ def machine_description() -> str:
 
 
 def collect_results(eval_dir: str, seed_curve_json: str, stage_markers: Sequence[Mapping[str, Any]],
-                    profile_name: str, eval_split_names: Mapping[str, str], method: str = "avc") -> dict[str, Any]:
-    """One dict with the table rows, the best seed threshold, stage times, date and machine."""
+                    profile_name: str, eval_split_names: Mapping[str, str], method: str = "avc",
+                    segmenter_row: str | None = None) -> dict[str, Any]:
+    """One dict with the table rows, the best seed threshold, stage times, date and machine.
+
+    ``segmenter_row`` labels the segmentation row (which network and its init)."""
     rows = []
     curve = read_json_if_present(seed_curve_json)
     for label, name, split in TABLE_ROWS:
@@ -47,6 +50,8 @@ def collect_results(eval_dir: str, seed_curve_json: str, stage_markers: Sequence
         else:
             results = read_json_if_present(os.path.join(eval_dir, f"{name}.json"))
             miou, threshold = (results["miou_percent"] if results else None), None
+        if name == "deeplab" and segmenter_row:
+            label = segmenter_row
         rows.append({"row": label, "split": eval_split_names.get(split, split), "miou": miou,
                      "bg_threshold": threshold})
         seed_png = read_json_if_present(os.path.join(eval_dir, "seed_png.json")) if name == "seed" else None

@@ -112,19 +112,24 @@ def poly_factor(step: int, max_step: int, power: float = 0.9) -> float:
 
 
 class PolyLR(torch.optim.lr_scheduler.LRScheduler):
-    """lr of group g at optimiser step t (0-based) = lr_g * (1 - t / max_step) ** power.
+    """lr of group g at optimiser step t (0-based) = lr_g * (1 - t' / max_step) ** power.
 
-    Call ``scheduler.step()`` after each ``optimizer.step()``, as with any torch scheduler.
+    t' = t rounded down to a multiple of ``update_every`` (1: every step; DeepLabV2 updates
+    the lr every 10 steps). Call ``scheduler.step()`` after each ``optimizer.step()``.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, max_step: int, power: float = 0.9,
-                 last_epoch: int = -1) -> None:
+                 last_epoch: int = -1, update_every: int = 1) -> None:
+        if update_every < 1:
+            raise ValueError(f"update_every must be at least 1, got {update_every}")
         self.max_step = max_step  # poly_factor refuses max_step <= 0 at the first get_lr below
         self.power = power
+        self.update_every = update_every
         super().__init__(optimizer, last_epoch)
 
     def get_lr(self) -> list[float]:
-        factor = poly_factor(self.last_epoch, self.max_step, self.power)
+        step = self.last_epoch - self.last_epoch % self.update_every
+        factor = poly_factor(step, self.max_step, self.power)
         return [base_lr * factor for base_lr in self.base_lrs]
 
 
@@ -590,11 +595,19 @@ class Trainer:
     def autocast(self) -> ContextManager:
         return autocast_context(self.dist.device, enabled=self.amp)
 
-    def step(self, loss: torch.Tensor, terms: Mapping[str, torch.Tensor | float]) -> None:
+    def zero_grad(self) -> None:
+        """Clear the gradients before sub-batches accumulate into them (``step(..., backward=False)``)."""
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def step(self, loss: torch.Tensor, terms: Mapping[str, torch.Tensor | float], *,
+             backward: bool = True) -> None:
         """Guard, backward, optimiser and scheduler step, log; checkpoint every ``save_every``.
 
         ``loss`` is what is back-propagated; ``terms`` (names = ``loss_names``) are logged.
         The guard sees the terms averaged over ranks, so every rank stops together.
+        ``backward=False``: the caller accumulated the gradients itself (:meth:`zero_grad`,
+        then ``backward()`` per sub-batch, as DeepLabV2's ITER_SIZE); ``loss`` is only logged
+        and guarded, and a non-finite one still stops before the weights change.
         """
         if set(terms) != set(self.loss_names):
             raise ValueError(f"loss terms {sorted(terms)} differ from the declared {sorted(self.loss_names)}")
@@ -607,8 +620,9 @@ class Trainer:
         numbers = dict(zip(("loss",) + self.loss_names, averaged.tolist()))
         check_finite(numbers, step_number, self.last_good())
 
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        if backward:
+            self.zero_grad()
+            loss.backward()
         if self.clip_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_grad_norm)
         self.optimizer.step()
@@ -644,7 +658,8 @@ def build_trainer(model: nn.Module, num_samples: int, args: argparse.Namespace, 
 
     SGD over SEAM's four parameter groups with the poly schedule, DDP wrapping, the epoch
     sampler, the Trainer, the resolved configuration saved beside the checkpoints, and
-    ``--resume``. ``max_step`` defaults to ``--max_epoches`` epochs. The (possibly DDP-wrapped)
+    ``--resume``. ``max_step`` defaults to ``--max_epoches`` epochs; the poly lr is updated every
+    ``args.lr_update_every`` steps (default 1). The (possibly DDP-wrapped)
     model is ``trainer.model``. A folder that already holds a run of this session is refused
     unless ``--resume`` or ``--overwrite`` says what to do with it (see :func:`check_new_run`).
     ``group_specs`` and ``clip_grad_norm``: a seed method's parameter groups and gradient
@@ -658,7 +673,8 @@ def build_trainer(model: nn.Module, num_samples: int, args: argparse.Namespace, 
                                 rank=dist.rank, world_size=dist.world_size)
     if max_step is None:
         max_step = sampler.batches_per_epoch * args.max_epoches
-    trainer = Trainer(model, optimizer, PolyLR(optimizer, max_step), dist, max_step=max_step,
+    scheduler = PolyLR(optimizer, max_step, update_every=getattr(args, "lr_update_every", 1))
+    trainer = Trainer(model, optimizer, scheduler, dist, max_step=max_step,
                       steps_per_epoch=sampler.batches_per_epoch, loss_names=loss_names,
                       save_dir=args.save_dir, session_name=args.session_name,
                       save_every=args.save_every, args=args, amp=args.amp, start_over=start_over,

@@ -82,6 +82,17 @@ def random_rescale(image: np.ndarray, rng: np.random.Generator, scale_range: tup
     return resize_joint(image, size, label, resample)
 
 
+def random_rescale_choice(image: np.ndarray, rng: np.random.Generator, choices: tuple[float, ...],
+                          label: np.ndarray | None = None, resample: str = "bilinear"
+                          ) -> tuple[np.ndarray, np.ndarray | None]:
+    """Rescale by one factor drawn from ``choices`` (DeepLabV2: 0.5, 0.75, 1, 1.25, 1.5); each side
+    becomes ``int(side * scale)`` (truncated, as the reference)."""
+    scale = float(choices[int(rng.integers(len(choices)))])
+    height, width = image.shape[:2]
+    size = (max(1, int(width * scale)), max(1, int(height * scale)))
+    return resize_joint(image, size, label, resample)
+
+
 # ------------------------------------------------------------------ cropping
 def random_crop_box(height: int, width: int, crop_size: int, rng: np.random.Generator) -> CropBox:
     """A crop (or pad) box of ``crop_size`` squared; the width offset is drawn first, as in PSA."""

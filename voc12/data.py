@@ -150,17 +150,19 @@ class SegmentationDataset(_EpochSeeded, Dataset):
     Labels come from the ground truth (``label_dir=None``) or from a folder of pseudo-mask
     PNGs ``<label_dir>/<id>.png``. Training augmentation (DeepLabV1 codebase): random rescale
     in ``scale_range`` (bicubic image, nearest label), HSV jitter, flip, normalise, random crop
-    (label padded with 255). ``augment=False`` returns the whole image and label.
+    (label padded with 255). With ``scale_choices`` (DeepLabV2) the factor is one of them
+    instead and the image is resized bilinearly. ``augment=False`` returns the whole image and label.
     """
 
     def __init__(self, info: DatasetInfo, ids: Sequence[str], label_dir: str | None = None, crop_size: int = 448,
                  scale_range: tuple[float, float] = (0.5, 1.5), seed: int = 0, augment: bool = True,
-                 hsv_shift: tuple[int, int, int] | None = (10, 10, 10), source: str | None = None) -> None:
+                 hsv_shift: tuple[int, int, int] | None = (10, 10, 10), source: str | None = None,
+                 scale_choices: tuple[float, ...] | None = None) -> None:
         check_images(info, ids, source)
         self.info, self.ids, self.label_dir = info, list(ids), label_dir
         require_files((self.label_path(image_id) for image_id in self.ids), "label maps", source=source or info.root)
         self.crop_size, self.scale_range, self.seed, self.augment = crop_size, scale_range, seed, augment
-        self.hsv_shift = hsv_shift
+        self.hsv_shift, self.scale_choices = hsv_shift, scale_choices
 
     def label_path(self, image_id: str) -> str:
         if self.label_dir is None:
@@ -188,7 +190,10 @@ class SegmentationDataset(_EpochSeeded, Dataset):
         image, label = self.read_pair(image_id)
         if self.augment:
             rng = self.rng_for(index)
-            image, label = T.random_rescale(image, rng, self.scale_range, label, resample="bicubic")
+            if self.scale_choices is not None:
+                image, label = T.random_rescale_choice(image, rng, self.scale_choices, label)
+            else:
+                image, label = T.random_rescale(image, rng, self.scale_range, label, resample="bicubic")
             if self.hsv_shift is not None:
                 image = T.hsv_jitter(image, rng, *self.hsv_shift)
             image, label = T.random_hflip(image, rng, label)
