@@ -225,14 +225,16 @@ def inference_edge(model: IRNet, image: torch.Tensor, crop_size: int = INFERENCE
 
 
 @torch.no_grad()
-def mean_displacement(model: IRNet, batches: Any) -> torch.Tensor:
-    """The "displacement mean" pass of train_irn: in eval mode, the mean over batches of the
-    per-batch mean displacement (after the current mean shift); the caller assigns it."""
+def displacement_sum(model: IRNet, batches: Any) -> tuple[torch.Tensor, int]:
+    """The "displacement mean" pass of train_irn, in eval mode: the sum over batches of each
+    batch's mean displacement (after the current mean shift) and the number of batches. The
+    mean (sum / count, over all ranks) is assigned to ``mean_shift.running_mean``."""
     model.eval()
-    means = [model(images)[1].float().mean(dim=(0, 2, 3)) for images in batches]
-    if not means:
-        raise ValueError("the displacement-mean pass got no batch")
-    return torch.stack(means).mean(dim=0)
+    total, count = torch.zeros(2, dtype=torch.float64), 0
+    for images in batches:
+        total += model(images)[1].float().mean(dim=(0, 2, 3)).double().cpu()
+        count += 1
+    return total, count
 
 
 def canonical_names(model: IRNet) -> list[str]:
