@@ -13,10 +13,11 @@ State-dict keys are the reference's, aliases included (``resnet50.*`` = ``stageN
 ``backbone.N-1.*``; ``fc_edgeN`` = ``edge_layers.N-1``; ``fc_dpN`` = ``dp_layers.N-1``;
 ``mean_shift`` = ``fc_dp7.4``): the aliases are the same modules, so they share storage and a
 released checkpoint loads strictly. A width multiplier scales every channel count (the
-GroupNorm group counts stay) for CPU runs.
+GroupNorm group counts stay where they divide the channels) for CPU runs.
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Mapping
 
 import numpy as np
@@ -48,8 +49,13 @@ class MeanShift(nn.Module):
         return x - self.running_mean.view(1, -1, 1, 1)
 
 
+def _group_norm(groups: int, channels: int) -> nn.GroupNorm:
+    # At a small width a group count may not divide the channels: take the largest that does.
+    return nn.GroupNorm(math.gcd(groups, channels), channels)
+
+
 def _head(in_channels: int, out_channels: int, groups: int, upsample: int = 1) -> nn.Sequential:
-    layers: list[nn.Module] = [nn.Conv2d(in_channels, out_channels, 1, bias=False), nn.GroupNorm(groups, out_channels)]
+    layers: list[nn.Module] = [nn.Conv2d(in_channels, out_channels, 1, bias=False), _group_norm(groups, out_channels)]
     if upsample > 1:  # before the ReLU, as the reference
         layers.append(nn.Upsample(scale_factor=upsample, mode="bilinear", align_corners=False))
     layers.append(nn.ReLU(inplace=True))
@@ -94,7 +100,7 @@ class IRNet(nn.Module):
         self.fc_dp5 = _head(ch[4], c(256), 16, upsample=2)
         self.fc_dp6 = _head(3 * c(256), c(256), 16, upsample=2)
         self.fc_dp7 = nn.Sequential(nn.Conv2d(c(64) + c(128) + c(256), c(256), 1, bias=False),
-                                    nn.GroupNorm(16, c(256)), nn.ReLU(inplace=True),
+                                    _group_norm(16, c(256)), nn.ReLU(inplace=True),
                                     nn.Conv2d(c(256), 2, 1, bias=False), self.mean_shift)
 
         self.backbone = nn.ModuleList([self.stage1, self.stage2, self.stage3, self.stage4, self.stage5])
