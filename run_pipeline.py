@@ -6,6 +6,7 @@
     python run_pipeline.py --from train_aff         # rerun from a stage on
     python run_pipeline.py --only eval_rw           # rerun one stage
     python run_pipeline.py --dry_run                # print every command and stop
+    python run_pipeline.py --refine irn             # IRN's boundary random walk instead of AffinityNet
 
 Every command is printed before it runs. A finished stage leaves a marker in
 ``<work_dir>/stages/``; an interrupted run resumes at the first unfinished stage (the stage
@@ -22,8 +23,8 @@ from typing import Sequence
 
 from tool.cli import run_cli
 from tool.fileio import DataError, read_id_list
-from tool.pipeline import (PROFILES, Context, Paths, StageFailed, build_stages, clear_outputs, run_stage,
-                           stage_done)
+from tool.pipeline import (PROFILES, REFINEMENTS, Context, Paths, StageFailed, build_stages, clear_outputs,
+                           run_stage, stage_done)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -34,6 +35,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--weights", default=None,
                         help="ImageNet ResNet38 weights (ilsvrc-cls_rna-a1_cls1000_ep-0001.params) for "
                              "every training stage; required by the voc12 and coco14 profiles")
+    parser.add_argument("--refine", choices=REFINEMENTS, default="affinitynet",
+                        help="pseudo masks for DeepLab: crf (the CRF masks), affinitynet (its random walk) or "
+                             "irn (IRN's boundary random walk, as SIPE / AE-SIPE) (default affinitynet). In a work "
+                             "dir that ran another refinement, add --from <its first stage> so DeepLab retrains")
+    parser.add_argument("--irn_weights", default=None,
+                        help="ImageNet ResNet-50 (resnet50-19c8e357.pth) for IRN's frozen backbone; without it "
+                             "(synthetic) the backbone stays random")
     parser.add_argument("--profile", choices=sorted(PROFILES), default=None,
                         help="configuration (default: synthetic, or voc12/coco14 when a root is given)")
     parser.add_argument("--work_dir", default=None, help="intermediate outputs (default: runs/<profile>)")
@@ -58,7 +66,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     data_root = args.voc12_root or args.coco_root or os.path.join(args.work_dir, "data")
     ctx = Context(args.profile, profile, Paths.under(os.path.abspath(args.work_dir), os.path.abspath(data_root),
                                        os.path.abspath(args.results_dir)),
-                  imagenet_weights=args.weights and os.path.abspath(args.weights))
+                  imagenet_weights=args.weights and os.path.abspath(args.weights), refine=args.refine,
+                  irn_weights=args.irn_weights and os.path.abspath(args.irn_weights))
     stages = build_stages(ctx)
     names = [stage.name for stage in stages]
     chosen = args.only or args.from_stage
@@ -105,7 +114,7 @@ def build_report(ctx: Context, stages) -> str:
     if os.path.isfile(samples):
         info = get_dataset_info(ctx.profile["dataset"], paths.data_root)
         page = write_page(paths.results_dir, info, read_id_list(samples), paths.cam, ctx.best_threshold(),
-                          {"CRF": paths.crf_masks, "random walk": paths.rw_masks,
+                          {"CRF": paths.crf_masks, "random walk": paths.rw_masks, "IRN": paths.irn_masks,
                            "DeepLab": paths.deeplab_samples},
                           summary, os.path.join(paths.seed_curve, "curve.png"))
         text += f"\nPage: {page}\n"

@@ -49,6 +49,11 @@ PROFILES: dict[str, dict[str, Any]] = {
         # sixteenth of the pixels, so 2^4 steps spread as far (logt 6 and 8 blur objects into each
         # other). SEAM's --crf (one mean-field step) then snaps the walk to the image edges.
         "infer_aff": {"alpha_from_threshold": True, "beta": 8, "logt": 4, "flags": ("--crf",)},
+        # IRN: its backbone is ResNet-50 (AVC's ResNet38 cannot start it), so without ImageNet weights it
+        # stays random and frozen, as the reference freezes it. 2^8 steps on VOC's ~94 x 125 grid; this
+        # 28 x 28 grid has 1/15 of the nodes, so 2^4 steps spread as far (the infer_aff reasoning).
+        "train_irn": {"batch_size": 8, "max_epoches": 12, "lr": 0.1, "momentum": 1e-4, "crop_size": 112},
+        "make_seg_labels": {"beta": 10, "logt": 4, "crop_size": 112},
         # BN momentum 0.1, not DeepLab's 0.0003: a short run must move the new heads' statistics.
         # lr is the published 0.001: at 0.01 the head collapses to all-background.
         "train_deeplab": {"batch_size": 8, "max_iters": 500, "lr": 0.001, "crop_size": 112,
@@ -68,6 +73,8 @@ PROFILES: dict[str, dict[str, Any]] = {
         "infer_seed": {"scales": (0.5, 1.0, 1.5, 2.0)},
         "train_aff": {"batch_size": 8, "max_epoches": 8, "lr": 0.1, "momentum": 0.0, "crop_size": 448},
         "infer_aff": {"alpha": 6.0, "beta": 8, "logt": 8},
+        "train_irn": {"batch_size": 32, "max_epoches": 3, "lr": 0.1, "momentum": 1e-4, "crop_size": 512},
+        "make_seg_labels": {"beta": 10, "logt": 8, "crop_size": 512},
         "train_deeplab": {"batch_size": 10, "max_iters": 20000, "lr": 0.001, "crop_size": 448},
         "test_deeplab": {"scales": (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)},
     },
@@ -81,9 +88,16 @@ PROFILES["tiny"] = {
     "train_avc": {**PROFILES["synthetic"]["train_avc"], "max_epoches": 1, "crop_size": 64, "resize_long": (64, 72)},
     "infer_seed": {"scales": (1.0, 1.5)},
     "train_aff": {**PROFILES["synthetic"]["train_aff"], "max_epoches": 1, "crop_size": 64},
+    "train_irn": {**PROFILES["synthetic"]["train_irn"], "max_epoches": 1, "crop_size": 80},
+    "make_seg_labels": {**PROFILES["synthetic"]["make_seg_labels"], "crop_size": 80},
     "train_deeplab": {**PROFILES["synthetic"]["train_deeplab"], "max_iters": 4, "crop_size": 64},
     "test_deeplab": {"scales": (1.0,)},
 }
+
+
+# How the seeds become DeepLab's pseudo masks: the CRF masks, AffinityNet's random walk, or IRN's
+# boundary random walk (SIPE / AE-SIPE).
+REFINEMENTS = ("crf", "affinitynet", "irn")
 
 
 @dataclass(frozen=True)
@@ -100,6 +114,8 @@ class Paths:
     seed_curve: str     # evaluation curve of the seeds
     crf_masks: str
     rw_masks: str
+    ir_labels: str      # IRN's confident regions
+    irn_masks: str
     deeplab_val: str
     deeplab_samples: str
     eval: str           # one JSON of results per evaluation
@@ -113,7 +129,8 @@ class Paths:
         return cls(work_dir=work_dir, data_root=data_root, results_dir=results_dir,
                    checkpoints=sub("checkpoints"), cam=sub("seed/cam"), seed_png=sub("seed/seed_png"),
                    crf=sub("seed/crf"), seed_curve=sub("eval/seed_curve"), crf_masks=sub("masks/crf"),
-                   rw_masks=sub("masks/rw"), deeplab_val=sub("deeplab/val"),
+                   rw_masks=sub("masks/rw"), ir_labels=sub("masks/ir_label"), irn_masks=sub("masks/irn"),
+                   deeplab_val=sub("deeplab/val"),
                    deeplab_samples=sub("deeplab/samples"), eval=sub("eval"), stages=sub("stages"),
                    lists=sub("lists"))
 
@@ -139,6 +156,9 @@ class Context:
     profile: Mapping[str, Any]
     paths: Paths
     imagenet_weights: str | None = None   # ilsvrc-cls_rna-a1_cls1000_ep-0001.params
+    refine: str = "affinitynet"           # how the seeds become pseudo masks: one of REFINEMENTS
+    irn_weights: str | None = None        # ImageNet ResNet-50 (resnet50-19c8e357.pth) for IRN's backbone
+    irn_variant: str = "irn"              # IR-label / background rule of IRN (sipe, ae_sipe: their own)
     results: dict[str, Any] = field(default_factory=dict)
 
     def eval_json(self, name: str) -> str:
@@ -173,12 +193,21 @@ def training_flags(ctx: Context, stage: str) -> list[str]:
 
 
 def weights_flags(ctx: Context, stage: str) -> list[str]:
-    """``--weights`` of a training stage: ImageNet weights, else (synthetic) the AVC backbone."""
+    """``--weights`` of a training stage: ImageNet weights, else (synthetic) the AVC backbone.
+
+    IRN's ResNet-50 takes its own ImageNet file; AVC's ResNet38 cannot start it.
+    """
+    if stage == "train_irn":
+        return ["--weights", ctx.irn_weights] if ctx.irn_weights else []
     if ctx.imagenet_weights:
         return ["--weights", ctx.imagenet_weights]
     if stage != "train_avc" and ctx.profile["backbone_from_avc"]:
         return ["--weights", os.path.join(ctx.paths.checkpoints, "avc.pth")]
     return []
+
+
+def irn_mask_flags(ctx: Context) -> list[str]:
+    return [f"--{name}={value}" for name, value in ctx.profile["make_seg_labels"].items()]
 
 
 def random_walk_flags(ctx: Context) -> list[str]:
@@ -211,6 +240,12 @@ def build_stages(ctx: Context) -> list[Stage]:
     samples_list = os.path.join(p.lists, "samples.txt")
     avc_weights = os.path.join(p.checkpoints, "avc.pth")
     aff_weights = os.path.join(p.checkpoints, "aff.pth")
+    irn_weights = os.path.join(p.checkpoints, "irn.pth")
+    if ctx.refine not in REFINEMENTS:
+        raise DataError(f"unknown refinement {ctx.refine!r}; expected one of {', '.join(REFINEMENTS)}")
+    # DeepLab's training masks; the CRF masks then have to cover the training list too.
+    pseudo_dir = {"crf": p.crf_masks, "affinitynet": p.rw_masks, "irn": p.irn_masks}[ctx.refine]
+    crf_list = train_list if ctx.refine == "crf" else eval_list
     deeplab_weights = os.path.join(p.checkpoints, "deeplab.pth")
     workers = str(profile["num_workers"])
 
@@ -249,10 +284,12 @@ def build_stages(ctx: Context) -> list[Stage]:
                                               "--out_dir", p.seed_curve),
               "seed mIoU over background thresholds"),
         Stage("refine_mask", lambda c: [
-            "refine_mask.py", *dataset_flags(c), "--list", eval_list, "--cam_dir", p.cam, "--out_dir", p.crf_masks,
+            "refine_mask.py", *dataset_flags(c), "--list", crf_list, "--cam_dir", p.cam, "--out_dir", p.crf_masks,
             "--bg_threshold", f"{clamped_threshold(c):.2f}", "--num_workers", workers],
             "dense-CRF pseudo masks", (p.crf_masks,)),
         Stage("eval_crf", lambda c: evaluate("crf", p.crf_masks, eval_list, "--type", "png"), "CRF mask mIoU"),
+    ]
+    affinitynet = [
         Stage("train_aff", lambda c: [
             "train_aff.py", *dataset_flags(c), "--train_list", train_list, "--session_name", "aff",
             "--la_crf_dir", crf_dir(p.crf, LOW_ALPHA), "--ha_crf_dir", crf_dir(p.crf, HIGH_ALPHA),
@@ -265,11 +302,30 @@ def build_stages(ctx: Context) -> list[Stage]:
             "random-walk pseudo masks", (p.rw_masks,)),
         Stage("eval_rw", lambda c: evaluate("rw", p.rw_masks, eval_list, "--type", "png"),
               "random-walk mask mIoU"),
+    ]
+    irn = [
+        Stage("make_ir_labels", lambda c: [
+            "make_ir_labels.py", *dataset_flags(c), "--infer_list", train_list, "--cam_dir", p.cam,
+            "--out_ir_label", p.ir_labels, "--variant", c.irn_variant],
+            "IRN's IR labels (confident foreground / background)", (p.ir_labels,)),
+        Stage("train_irn", lambda c: [
+            "train_irn.py", *dataset_flags(c), "--train_list", train_list, "--mean_list", eval_list,
+            "--ir_label_dir", p.ir_labels, "--session_name", "irn", *_strings(training_flags(c, "train_irn"))],
+            "IRN boundary network", checkpoint_files("irn")),
+        Stage("make_seg_labels", lambda c: [
+            "make_seg_labels.py", *dataset_flags(c), "--weights", irn_weights, "--infer_list", train_list,
+            "--cam_dir", p.cam, "--out_dir", p.irn_masks, "--variant", c.irn_variant, *irn_mask_flags(c),
+            "--num_workers", workers],
+            "IRN pseudo masks (boundary random walk)", (p.irn_masks,)),
+        Stage("eval_irn", lambda c: evaluate("irn", p.irn_masks, eval_list, "--type", "png"), "IRN mask mIoU"),
+    ]
+    stages += {"crf": [], "affinitynet": affinitynet, "irn": irn}[ctx.refine]
+    stages += [
         Stage("train_deeplab", lambda c: [
-            "train_deeplab.py", *dataset_flags(c), "--train_list", train_list, "--pseudo_dir", p.rw_masks,
+            "train_deeplab.py", *dataset_flags(c), "--train_list", train_list, "--pseudo_dir", pseudo_dir,
             "--session_name", "deeplab", *_strings(training_flags(c, "train_deeplab")),
             "--max_iters", str(profile["train_deeplab"]["max_iters"])],
-            "DeepLabV1 on the random-walk masks", checkpoint_files("deeplab")),
+            f"DeepLabV1 on the {ctx.refine} pseudo masks", checkpoint_files("deeplab")),
         Stage("test_deeplab", lambda c: [
             "test_deeplab.py", *dataset_flags(c), "--weights", deeplab_weights, "--infer_list", val_list,
             "--out_dir", p.deeplab_val, "--scales", *_strings(profile["test_deeplab"]["scales"]),
