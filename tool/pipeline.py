@@ -52,7 +52,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         # IRN: its backbone is ResNet-50 (AVC's ResNet38 cannot start it), so without ImageNet weights it
         # stays random and frozen, as the reference freezes it. 2^8 steps on VOC's ~94 x 125 grid; this
         # 28 x 28 grid has 1/15 of the nodes, so 2^4 steps spread as far (the infer_aff reasoning).
-        "train_irn": {"batch_size": 8, "max_epoches": 12, "lr": 0.1, "momentum": 1e-4, "crop_size": 112},
+        "train_irn": {"batch_size": 8, "max_epoches": 3, "lr": 0.1, "momentum": 1e-4, "crop_size": 112},
         "make_seg_labels": {"beta": 10, "logt": 4, "crop_size": 112},
         # BN momentum 0.1, not DeepLab's 0.0003: a short run must move the new heads' statistics.
         # lr is the published 0.001: at 0.01 the head collapses to all-background.
