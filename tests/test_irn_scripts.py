@@ -16,6 +16,7 @@ from tool.cli import main_exit_code
 from tool.fileio import DataError, atomic_write_text, read_label_png, save_npy, save_rgb_image
 from tool.training import read_checkpoint
 from tests.helpers_resume import assert_resume_is_bit_exact, log_rows
+from tests.helpers_torchrun import assert_ranks_agree_with_checkpoint, train_on_two_ranks
 
 HEIGHT, WIDTH = 76, 84
 IDS = [f"img{i}" for i in range(4)]
@@ -137,3 +138,11 @@ def test_bad_input_exits_2(data, ir_labels, tmp_path, capsys):
         make_ir_labels.run(make_ir_labels.parse_args(argv))
     with pytest.raises(SystemExit):
         train_irn.parse_args(_train_argv(data, str(tmp_path), "small", "--crop_size", "72"))
+
+
+def test_two_process_torchrun_keeps_identical_weights(data, ir_labels, tmp_path):
+    """DDP training and the displacement-mean pass split over 2 ranks (one batch each)."""
+    ranks = train_on_two_ranks("train_irn", _train_argv(data, str(tmp_path / "ddp"), "ddp", "--batch_size", "2",
+                                                        "--max_epoches", "1"), tmp_path)
+    assert_ranks_agree_with_checkpoint(ranks, tmp_path / "ddp" / "ddp.pth", steps=2)
+    assert torch.count_nonzero(ranks[0]["mean_shift.running_mean"]) == 2
