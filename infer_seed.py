@@ -63,6 +63,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out_cam", default=None, help="folder for the CAM dicts (.npy)")
     parser.add_argument("--out_is_cam", default=None,
                         help="SIPE/AE-SIPE: folder for the reference's {'keys', 'IS_CAM'} dicts (.npy)")
+    parser.add_argument("--out_cam_bg", default=None,
+                        help="SIPE/AE-SIPE: folder for one-based CAM dicts whose key 0 is the method's own "
+                             "background (tool/contract.py; what IRN's sipe / ae_sipe variants read)")
     parser.add_argument("--out_cam_pred", default=None, help="folder for the seed PNGs")
     parser.add_argument("--out_cam_pred_alpha", type=float, default=0.26,
                         help="background score of the seed PNGs (SEAM: 0.26; take the best "
@@ -82,7 +85,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                                                         "(default: the first output folder)")
     add_overwrite_arg(parser)
     args = parser.parse_args(argv)
-    if not (args.out_cam or args.out_cam_pred or args.out_crf or args.out_vis or args.out_is_cam):
+    if not (args.out_cam or args.out_cam_pred or args.out_crf or args.out_vis or args.out_is_cam or args.out_cam_bg):
         parser.error("nothing to write: give at least one of --out_cam --out_cam_pred --out_crf --out_vis "
                      "--out_is_cam")
     return args
@@ -101,6 +104,8 @@ def output_paths(args: argparse.Namespace, image_id: str) -> list[str]:
         paths.append(os.path.join(args.out_vis, f"{image_id}.jpg"))
     if args.out_is_cam:
         paths.append(os.path.join(args.out_is_cam, f"{image_id}.npy"))
+    if args.out_cam_bg:
+        paths.append(os.path.join(args.out_cam_bg, f"{image_id}.npy"))
     return paths
 
 
@@ -156,6 +161,9 @@ def write_seed_outputs(args: argparse.Namespace, num_classes: int, item: dict, c
         save_score_dict(os.path.join(args.out_cam, f"{image_id}.npy"), cam_dict)
     if args.out_is_cam:
         save_npy(os.path.join(args.out_is_cam, f"{image_id}.npy"), {"keys": cams.keys, "IS_CAM": cams.is_cam})
+    if args.out_cam_bg:  # the keys are label values: 0 = the method's background, c + 1 = class c
+        save_score_dict(os.path.join(args.out_cam_bg, f"{image_id}.npy"),
+                        {int(key): np.ascontiguousarray(cams.is_cam[i]) for i, key in enumerate(cams.keys)})
     if args.out_cam_pred:
         save_palette_png(os.path.join(args.out_cam_pred, f"{image_id}.png"), seed)
     if args.out_vis:
@@ -170,7 +178,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     dist = setup_distributed()
     try:
         log_dir = args.log_dir or next(p for p in (args.out_cam, args.out_cam_pred, args.out_crf, args.out_vis,
-                                                   args.out_is_cam) if p)
+                                                   args.out_is_cam, args.out_cam_bg) if p)
         setup_logging(os.path.join(log_dir, "infer_seed.log"), dist.is_main)
         record = OutputRecord("infer_seed", args, lambda image_id: output_paths(args, image_id))
         if dist.is_main:
@@ -185,8 +193,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         loaded = read_weights(args.weights)
         saved = saved_args(loaded)
         method = resolve_method(args.method, saved, args.weights)
-        if args.out_is_cam and method.fusion != "sipe":
-            raise DataError(f"{args.weights}: --out_is_cam needs a SIPE-family checkpoint, this is {method.name}")
+        if (args.out_is_cam or args.out_cam_bg) and method.fusion != "sipe":
+            raise DataError(f"{args.weights}: --out_is_cam / --out_cam_bg need a SIPE-family checkpoint (a method "
+                            f"with its own background), this is {method.name}")
         backbone = saved.get("backbone") or method.backbones[0]
         model = load_for_inference(lambda width: build_network(method, info.num_classes, backbone, width),
                                    args.weights, args.width_mult, dist.device, loaded=loaded)

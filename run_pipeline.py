@@ -8,6 +8,7 @@
     python run_pipeline.py --from train_aff         # rerun from a stage on
     python run_pipeline.py --only eval_rw           # rerun one stage
     python run_pipeline.py --dry_run                # print every command and stop
+    python run_pipeline.py --refine irn             # IRN's boundary random walk instead of AffinityNet
 
 Every command is printed before it runs. A finished stage leaves a marker in
 ``<work_dir>/stages/``; an interrupted run resumes at the first unfinished stage (the stage
@@ -28,7 +29,7 @@ from typing import Sequence
 from network.segmenters import ALIASES, SEGMENTERS, get_segmenter
 from tool.cli import run_cli
 from tool.fileio import DataError, atomic_write_text, read_id_list, read_json_if_present
-from tool.pipeline import PROFILES, Context, Paths, build_stages, run_stages, stage_done, stale_stages
+from tool.pipeline import PROFILES, REFINEMENTS, Context, Paths, build_stages, run_stages, stage_done, stale_stages
 
 
 SUMMARY_FILES = ("summary.md", "summary.json", "index.html")
@@ -56,6 +57,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--segmenter_weights", default=None, metavar="PATH",
                         help="DeepLabV2 start: deeplabv1_resnet101-coco.pth (COCO segmentation, i.e. pixel "
                              "supervision) or torchvision's resnet101-63fe2227.pth (ImageNet); default scratch")
+    parser.add_argument("--refine", choices=REFINEMENTS, default=None,
+                        help="pseudo masks for DeepLab: crf (the CRF masks), affinitynet (its random walk) or "
+                             "irn (IRN's boundary random walk; default for sipe / ae_sipe, else affinitynet). In a work "
+                             "dir that ran another refinement, add --from <its first stage> so DeepLab retrains")
+    parser.add_argument("--irn_weights", default=None,
+                        help="ImageNet ResNet-50 (resnet50-19c8e357.pth) for IRN's frozen backbone; without it "
+                             "(synthetic) the backbone stays random")
     parser.add_argument("--profile", choices=sorted(PROFILES), default=None,
                         help="configuration (default: synthetic, or voc12/coco14 when a root is given)")
     parser.add_argument("--work_dir", default=None, help="intermediate outputs (default: runs/<profile>)")
@@ -79,6 +87,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 SEED_METHODS = ("avc", "seam", "sipe", "ae_sipe")  # network/methods.py's entries (kept here: no torch import)
+OWN_BACKGROUND_METHODS = ("sipe", "ae_sipe")  # also the names of their IRN variants
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -127,6 +136,8 @@ def run_method(args: argparse.Namespace, method: str, work_dir: str, results_dir
                data_root: str | None = None) -> int:
     """The stages of one seed method; 0 on success."""
     profile = dict(PROFILES[args.profile])
+    # SIPE / AE-SIPE refine with IRN, reading their own background (the published workflow).
+    refine = args.refine or ("irn" if method in OWN_BACKGROUND_METHODS else "affinitynet")
     if args.seed_epochs:
         for section in ("train_avc", "train_sipe"):
             profile[section] = {**profile[section], "max_epoches": args.seed_epochs}
@@ -136,7 +147,9 @@ def run_method(args: argparse.Namespace, method: str, work_dir: str, results_dir
                   imagenet_weights=args.weights and os.path.abspath(args.weights), method=method,
                   seed_imagenet_weights=args.seed_weights and os.path.abspath(args.seed_weights),
                   segmenter=get_segmenter(args.segmenter).name, segmenter_title=get_segmenter(args.segmenter).title,
-                  segmenter_weights=args.segmenter_weights and os.path.abspath(args.segmenter_weights))
+                  segmenter_weights=args.segmenter_weights and os.path.abspath(args.segmenter_weights),
+                  refine=refine, irn_variant=method if refine == "irn" and method in OWN_BACKGROUND_METHODS else "irn",
+                  irn_weights=args.irn_weights and os.path.abspath(args.irn_weights))
     stages = build_stages(ctx)
     names = [stage.name for stage in stages]
     if args.until:
@@ -174,7 +187,7 @@ def build_report(ctx: Context, stages) -> str:
     if os.path.isfile(samples):
         info = get_dataset_info(ctx.profile["dataset"], paths.data_root)
         page = write_page(paths.results_dir, info, read_id_list(samples), paths.cam, ctx.best_threshold(),
-                          {"CRF": paths.crf_masks, "random walk": paths.rw_masks,
+                          {"CRF": paths.crf_masks, "random walk": paths.rw_masks, "IRN": paths.irn_masks,
                            "DeepLab": paths.deeplab_samples},
                           summary, os.path.join(paths.seed_curve, "curve.png"))
         text += f"\nPage: {page}\n"

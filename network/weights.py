@@ -300,6 +300,9 @@ def load_trained(model: nn.Module, path: str) -> None:
 
 def _load_strictly(model: nn.Module, file_state: Dict[str, torch.Tensor], path: str) -> None:
     target = unwrap_model(model)
+    adapt = getattr(target, "adapt_loaded_state", None)
+    if adapt is not None:  # IRN: drops the reference's derived index buffers, checks aliases
+        file_state = adapt(file_state, path)
     model_state = target.state_dict()
     for key, value in model_state.items():
         if key.endswith("num_batches_tracked") and key not in file_state:

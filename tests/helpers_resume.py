@@ -43,8 +43,9 @@ def assert_resume_is_bit_exact(run: Callable[[Sequence[str]], torch.nn.Module], 
     monkeypatch.setattr(Trainer, "step", original_step)
     assert read_checkpoint(os.path.join(save_dir, f"{session}_last.pth"))["step"] == crash_after
     resumed = run(list(argv) + ["--resume", "auto"])
+    resumed_state = resumed.state_dict()
     for key, value in straight.state_dict().items():
-        assert torch.equal(value, resumed.state_dict()[key]), key
+        assert torch.equal(value, resumed_state[key]), key
     if records is not None:
         straight_session = straight_argv[list(straight_argv).index("--session_name") + 1]
         assert records(straight_session) == records(session)

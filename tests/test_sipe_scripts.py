@@ -69,7 +69,8 @@ def test_training_records_the_method_and_the_reference_optimiser(trained):
 
 def test_inference_reads_the_method_and_writes_both_layouts(root, trained, tmp_path):
     out = str(tmp_path)
-    infer_seed.main(_infer_argv(root, trained["weights"], out, "--out_is_cam", os.path.join(out, "is_cam")))
+    infer_seed.main(_infer_argv(root, trained["weights"], out, "--out_is_cam", os.path.join(out, "is_cam"),
+                                "--out_cam_bg", os.path.join(out, "cam_bg")))
     labels = get_dataset_info("synthetic", root).load_cls_labels()
     for image_id in read_id_list(os.path.join(root, "train.txt")):
         present = [int(c) for c in np.flatnonzero(labels[image_id])]
@@ -82,6 +83,11 @@ def test_inference_reads_the_method_and_writes_both_layouts(root, trained, tmp_p
         assert reference["IS_CAM"].shape == (len(present) + 1, height, width)
         for index, c in enumerate(present):
             np.testing.assert_array_equal(cam_dict[c], reference["IS_CAM"][index + 1])
+        # IRN's sipe / ae_sipe layout: one-based, key 0 the method's own background.
+        own_background = load_score_dict(os.path.join(out, "cam_bg", f"{image_id}.npy"), NUM_CLASSES, one_based=True)
+        assert sorted(own_background) == reference["keys"].tolist()
+        for index, key in enumerate(reference["keys"]):
+            np.testing.assert_array_equal(own_background[int(key)], reference["IS_CAM"][index])
         seed = np.asarray(Image.open(os.path.join(out, "seed", f"{image_id}.png")))
         expected = reference["keys"][np.argmax(reference["IS_CAM"], axis=0)]
         np.testing.assert_array_equal(seed, expected)

@@ -7,6 +7,8 @@ are those of SEAM/PSA, so outputs can be mixed with their tools:
 * CAM dict (``<out_cam>/<image_id>.npy``): ``{fg_class_index: float32 HxW}``, 0-based over
   foreground classes (VOC 0..19), values in [0, 1] at the original image size.
 * CRF dict (``<out_crf>_<alpha>/<image_id>.npy``): the same but 1-based, key 0 = background.
+  A method with its own background map (SIPE / AE-SIPE ``IS_CAM``) writes its CAM dict in this
+  one-based layout, key 0 its background; IRN's ``sipe`` / ``ae_sipe`` variants read it so.
 * Label maps: 8-bit palette PNG, 0 = background, c + 1 = foreground class c, 255 = ignore.
 """
 from __future__ import annotations

@@ -47,6 +47,8 @@ def wrapped_mean_subtracted(image: np.ndarray, mean: tuple[float, float, float])
     subtracted = image.astype(np.float32) - np.asarray(mean, dtype=np.float64)
     subtracted = subtracted.astype(np.float32)
     return np.mod(np.trunc(subtracted).astype(np.int64), 256).astype(np.uint8)
+# IRN/SIPE's CRF of confident regions (imutils.crf_inference_label; DESIGN "IRN refinement").
+IR_LABEL_CRF = CrfParams(iterations=10, bilateral_sxy=50, bilateral_srgb=5)
 
 
 def _import_pydensecrf():
@@ -79,6 +81,24 @@ def dense_crf(image: np.ndarray, probs: np.ndarray, params: CrfParams = SEED_CRF
                              rgbim=np.array(image, order="C"), compat=params.bilateral_compat)
     marginals = crf.inference(params.iterations)
     return np.asarray(marginals, dtype=np.float32).reshape((num_labels, height, width))
+
+
+def crf_label_inference(image: np.ndarray, labels: np.ndarray, num_labels: int, params: CrfParams,
+                        gt_prob: float = 0.7) -> np.ndarray:
+    """IRN ``imutils.crf_inference_label``: a dense CRF from a hard label map (HxW ints < num_labels;
+    unary ``unary_from_labels(gt_prob, zero_unsure=False)``), arg-max of the marginals, int64 HxW."""
+    densecrf, _ = _import_pydensecrf()
+    from pydensecrf.utils import unary_from_labels
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"image must be HxWx3 uint8 RGB, got {image.dtype} {image.shape}")
+    height, width = labels.shape
+    crf = densecrf.DenseCRF2D(width, height, num_labels)
+    crf.setUnaryEnergy(unary_from_labels(labels, num_labels, gt_prob=gt_prob, zero_unsure=False))
+    crf.addPairwiseGaussian(sxy=params.gauss_sxy, compat=params.gauss_compat)
+    crf.addPairwiseBilateral(sxy=params.bilateral_sxy, srgb=params.bilateral_srgb,
+                             rgbim=np.array(image, order="C"), compat=params.bilateral_compat)
+    marginals = np.asarray(crf.inference(params.iterations)).reshape((num_labels, height, width))
+    return np.argmax(marginals, axis=0)
 
 
 def crf_with_alpha(image: np.ndarray, cam_dict: Mapping[int, np.ndarray], alpha: float,

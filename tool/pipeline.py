@@ -57,6 +57,11 @@ PROFILES: dict[str, dict[str, Any]] = {
         # sixteenth of the pixels, so 2^4 steps spread as far (logt 6 and 8 blur objects into each
         # other). SEAM's --crf (one mean-field step) then snaps the walk to the image edges.
         "infer_aff": {"alpha_from_threshold": True, "beta": 8, "logt": 4, "flags": ("--crf",)},
+        # IRN: its backbone is ResNet-50 (AVC's ResNet38 cannot start it), so without ImageNet weights it
+        # stays random and frozen, as the reference freezes it. 2^8 steps on VOC's ~94 x 125 grid; this
+        # 28 x 28 grid has 1/15 of the nodes, so 2^4 steps spread as far (the infer_aff reasoning).
+        "train_irn": {"batch_size": 8, "max_epoches": 3, "lr": 0.1, "momentum": 1e-4, "crop_size": 112},
+        "make_seg_labels": {"beta": 10, "logt": 4, "crop_size": 112},
         # BN momentum 0.1, not DeepLab's 0.0003: a short run must move the new heads' statistics.
         # lr is the published 0.001: at 0.01 the head collapses to all-background.
         "train_deeplab": {"batch_size": 8, "max_iters": 500, "lr": 0.001, "crop_size": 112,
@@ -84,6 +89,8 @@ PROFILES: dict[str, dict[str, Any]] = {
         "infer_sipe": {"scales": (1.0, 0.5, 1.5, 2.0)},
         "train_aff": {"batch_size": 8, "max_epoches": 8, "lr": 0.1, "momentum": 0.0, "crop_size": 448},
         "infer_aff": {"alpha": 6.0, "beta": 8, "logt": 8},
+        "train_irn": {"batch_size": 32, "max_epoches": 3, "lr": 0.1, "momentum": 1e-4, "crop_size": 512},
+        "make_seg_labels": {"beta": 10, "logt": 8, "crop_size": 512},
         "train_deeplab": {"batch_size": 10, "max_iters": 20000, "lr": 0.001, "crop_size": 448},
         "test_deeplab": {"scales": (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)},
         # The published DeepLabV2 schedule (its MSC 1, 0.5, 0.75 runs inside the network).
@@ -102,6 +109,8 @@ PROFILES["tiny"] = {
     "train_sipe": {**PROFILES["synthetic"]["train_sipe"], "max_epoches": 1, "crop_size": 64, "resize_long": (64, 72)},
     "infer_sipe": {"scales": (1.0, 1.5)},
     "train_aff": {**PROFILES["synthetic"]["train_aff"], "max_epoches": 1, "crop_size": 64},
+    "train_irn": {**PROFILES["synthetic"]["train_irn"], "max_epoches": 1, "crop_size": 80},
+    "make_seg_labels": {**PROFILES["synthetic"]["make_seg_labels"], "crop_size": 80},
     "train_deeplab": {**PROFILES["synthetic"]["train_deeplab"], "max_iters": 4, "crop_size": 64},
     "train_deeplabv2": {**PROFILES["synthetic"]["train_deeplabv2"], "max_iters": 4, "crop_size": 64},
     "test_deeplab": {"scales": (1.0,)},
@@ -111,6 +120,10 @@ PROFILES["tiny"] = {
 # Stages that spread their images over the cores themselves (tool/parallel.py: workers and torch
 # threads from os.sched_getaffinity), so the profile's torch_threads does not apply to them.
 PARALLEL_STAGES = frozenset({"infer_seed", "refine_mask", "infer_aff", "test_deeplab", "test_deeplab_samples"})
+
+# How the seeds become DeepLab's pseudo masks: the CRF masks, AffinityNet's random walk, or IRN's
+# boundary random walk (SIPE / AE-SIPE).
+REFINEMENTS = ("crf", "affinitynet", "irn")
 
 
 @dataclass(frozen=True)
@@ -122,11 +135,14 @@ class Paths:
     results_dir: str
     checkpoints: str
     cam: str            # CAM dicts
+    cam_bg: str         # one-based CAM dicts with the method's own background (SIPE / AE-SIPE)
     seed_png: str       # seed label maps
     crf: str            # prefix of the low/high-alpha CRF dict folders
     seed_curve: str     # evaluation curve of the seeds
     crf_masks: str
     rw_masks: str
+    ir_labels: str      # IRN's confident regions
+    irn_masks: str
     deeplab_val: str
     deeplab_samples: str
     eval: str           # one JSON of results per evaluation
@@ -138,9 +154,10 @@ class Paths:
         def sub(relative: str) -> str:
             return os.path.join(work_dir, relative)
         return cls(work_dir=work_dir, data_root=data_root, results_dir=results_dir,
-                   checkpoints=sub("checkpoints"), cam=sub("seed/cam"), seed_png=sub("seed/seed_png"),
+                   checkpoints=sub("checkpoints"), cam=sub("seed/cam"), cam_bg=sub("seed/cam_bg"), seed_png=sub("seed/seed_png"),
                    crf=sub("seed/crf"), seed_curve=sub("eval/seed_curve"), crf_masks=sub("masks/crf"),
-                   rw_masks=sub("masks/rw"), deeplab_val=sub("deeplab/val"),
+                   rw_masks=sub("masks/rw"), ir_labels=sub("masks/ir_label"), irn_masks=sub("masks/irn"),
+                   deeplab_val=sub("deeplab/val"),
                    deeplab_samples=sub("deeplab/samples"), eval=sub("eval"), stages=sub("stages"),
                    lists=sub("lists"))
 
@@ -166,6 +183,9 @@ class Context:
     profile: Mapping[str, Any]
     paths: Paths
     imagenet_weights: str | None = None   # ilsvrc-cls_rna-a1_cls1000_ep-0001.params
+    refine: str = "affinitynet"           # how the seeds become pseudo masks: one of REFINEMENTS
+    irn_weights: str | None = None        # ImageNet ResNet-50 (resnet50-19c8e357.pth) for IRN's backbone
+    irn_variant: str = "irn"              # IR-label / background rule of IRN (sipe, ae_sipe: their own)
     results: dict[str, Any] = field(default_factory=dict)
     method: str = "avc"                   # the seed method (network/methods.py)
     seed_imagenet_weights: str | None = None  # ImageNet file of a non-ResNet38 seed backbone (resnet50-19c8e357.pth)
@@ -239,7 +259,10 @@ def weights_flags(ctx: Context, stage: str) -> list[str]:
     """``--weights`` of a training stage: ImageNet weights, else (synthetic) the seed classifier's
     ResNet38 backbone (AffinityNet and DeepLabV1 are ResNet38 networks: a SIPE seed classifier's
     ResNet-50 cannot start them, so they train from scratch there); DeepLabV2 has its own
-    ResNet-101 start (``segmenter_weights``) or none (scratch)."""
+    ResNet-101 start (``segmenter_weights``) or none (scratch); IRN's ResNet-50 takes its own
+    ImageNet file (AVC's ResNet38 cannot start it)."""
+    if stage == "train_irn":
+        return ["--weights", ctx.irn_weights] if ctx.irn_weights else []
     if stage.startswith("train_deeplabv2"):
         return ["--weights", ctx.segmenter_weights] if ctx.segmenter_weights else []
     if stage in ("train_avc", "train_sipe") and not ctx.seed_on_resnet38:
@@ -249,6 +272,10 @@ def weights_flags(ctx: Context, stage: str) -> list[str]:
     if stage != "train_avc" and ctx.profile["backbone_from_avc"] and ctx.seed_on_resnet38:
         return ["--weights", os.path.join(ctx.paths.checkpoints, f"{ctx.seed_session}.pth")]
     return []
+
+
+def irn_mask_flags(ctx: Context) -> list[str]:
+    return [f"--{name}={value}" for name, value in ctx.profile["make_seg_labels"].items()]
 
 
 def random_walk_flags(ctx: Context) -> list[str]:
@@ -282,6 +309,14 @@ def build_stages(ctx: Context) -> list[Stage]:
     method = ctx.seed_method
     avc_weights = os.path.join(p.checkpoints, f"{ctx.seed_session}.pth")  # the seed classifier, any method
     aff_weights = os.path.join(p.checkpoints, "aff.pth")
+    irn_weights = os.path.join(p.checkpoints, "irn.pth")
+    if ctx.refine not in REFINEMENTS:
+        raise DataError(f"unknown refinement {ctx.refine!r}; expected one of {', '.join(REFINEMENTS)}")
+    # DeepLab's training masks; the CRF masks then have to cover the training list too.
+    pseudo_dir = {"crf": p.crf_masks, "affinitynet": p.rw_masks, "irn": p.irn_masks}[ctx.refine]
+    crf_list = train_list if ctx.refine == "crf" else eval_list
+    # IRN's sipe / ae_sipe variants read the one-based dicts with the method's own background.
+    irn_cams = p.cam if ctx.irn_variant == "irn" else p.cam_bg
     deeplab_weights = os.path.join(p.checkpoints, f"{ctx.deeplab_session}.pth")
     workers = str(profile["num_workers"])
     train_settings, test_settings = ctx.segmenter_settings("train_deeplab"), ctx.segmenter_settings("test_deeplab")
@@ -312,8 +347,11 @@ def build_stages(ctx: Context) -> list[Stage]:
         Stage("infer_seed", lambda c: [
             "infer_seed.py", *dataset_flags(c), "--weights", avc_weights, "--infer_list", train_list,
             "--scales", *_strings(profile[seed_settings(c, "infer")]["scales"]), "--out_cam", p.cam,
-            "--out_crf", p.crf, "--out_cam_pred", p.seed_png, "--num_workers", workers],
-            "CAM dicts, seed PNGs, low/high-alpha CRF dicts", (p.cam, p.seed_png, crf_dir(p.crf, LOW_ALPHA), crf_dir(p.crf, HIGH_ALPHA))),
+            "--out_crf", p.crf, "--out_cam_pred", p.seed_png, "--num_workers", workers,
+            *(["--out_cam_bg", p.cam_bg] if not c.seed_on_resnet38 else [])],
+            "CAM dicts, seed PNGs, low/high-alpha CRF dicts",
+            (p.cam, p.seed_png, crf_dir(p.crf, LOW_ALPHA), crf_dir(p.crf, HIGH_ALPHA))
+            + ((p.cam_bg,) if not ctx.seed_on_resnet38 else ())),
     ]
     if not ctx.seed_on_resnet38:  # SIPE's seed PNGs: the arg-max with its own background channel, no threshold
         stages.append(Stage("eval_seed_png", lambda c: evaluate("seed_png", p.seed_png, eval_list, "--type", "png"),
@@ -323,11 +361,13 @@ def build_stages(ctx: Context) -> list[Stage]:
                                               "--out_dir", p.seed_curve),
               "seed mIoU over background thresholds", (ctx.eval_json("seed"), p.seed_curve)),
         Stage("refine_mask", lambda c: [
-            "refine_mask.py", *dataset_flags(c), "--list", eval_list, "--cam_dir", p.cam, "--out_dir", p.crf_masks,
+            "refine_mask.py", *dataset_flags(c), "--list", crf_list, "--cam_dir", p.cam, "--out_dir", p.crf_masks,
             "--bg_threshold", f"{clamped_threshold(c):.2f}"],
             "dense-CRF pseudo masks", (p.crf_masks,)),
         Stage("eval_crf", lambda c: evaluate("crf", p.crf_masks, eval_list, "--type", "png"), "CRF mask mIoU",
               (ctx.eval_json("crf"),)),
+    ]
+    affinitynet = [
         Stage("train_aff", lambda c: [
             "train_aff.py", *dataset_flags(c), "--train_list", train_list, "--session_name", "aff",
             "--la_crf_dir", crf_dir(p.crf, LOW_ALPHA), "--ha_crf_dir", crf_dir(p.crf, HIGH_ALPHA),
@@ -340,11 +380,31 @@ def build_stages(ctx: Context) -> list[Stage]:
             "random-walk pseudo masks", (p.rw_masks,)),
         Stage("eval_rw", lambda c: evaluate("rw", p.rw_masks, eval_list, "--type", "png"),
               "random-walk mask mIoU", (ctx.eval_json("rw"),)),
+    ]
+    irn = [
+        Stage("make_ir_labels", lambda c: [
+            "make_ir_labels.py", *dataset_flags(c), "--infer_list", train_list, "--cam_dir", irn_cams,
+            "--out_ir_label", p.ir_labels, "--variant", c.irn_variant],
+            "IRN's IR labels (confident foreground / background)", (p.ir_labels,)),
+        Stage("train_irn", lambda c: [
+            "train_irn.py", *dataset_flags(c), "--train_list", train_list, "--mean_list", eval_list,
+            "--ir_label_dir", p.ir_labels, "--session_name", "irn", *_strings(training_flags(c, "train_irn"))],
+            "IRN boundary network", checkpoint_files("irn")),
+        Stage("make_seg_labels", lambda c: [
+            "make_seg_labels.py", *dataset_flags(c), "--weights", irn_weights, "--infer_list", train_list,
+            "--cam_dir", irn_cams, "--out_dir", p.irn_masks, "--variant", c.irn_variant, *irn_mask_flags(c),
+            "--num_workers", workers],
+            "IRN pseudo masks (boundary random walk)", (p.irn_masks,)),
+        Stage("eval_irn", lambda c: evaluate("irn", p.irn_masks, eval_list, "--type", "png"), "IRN mask mIoU",
+              (ctx.eval_json("irn"),)),
+    ]
+    stages += {"crf": [], "affinitynet": affinitynet, "irn": irn}[ctx.refine]
+    stages += [
         Stage("train_deeplab", lambda c: [
             "train_deeplab.py", *dataset_flags(c), "--arch", c.segmenter, "--train_list", train_list,
-            "--pseudo_dir", p.rw_masks, "--session_name", c.deeplab_session,
+            "--pseudo_dir", pseudo_dir, "--session_name", c.deeplab_session,
             *_strings(training_flags(c, train_settings)), "--max_iters", str(profile[train_settings]["max_iters"])],
-            f"{ctx.segmenter_title} on the random-walk masks", checkpoint_files(ctx.deeplab_session)),
+            f"{ctx.segmenter_title} on the {ctx.refine} pseudo masks", checkpoint_files(ctx.deeplab_session)),
         Stage("test_deeplab", lambda c: [
             "test_deeplab.py", *dataset_flags(c), "--weights", deeplab_weights, "--infer_list", val_list,
             "--out_dir", p.deeplab_val, "--scales", *_strings(profile[test_settings]["scales"]),

@@ -24,8 +24,10 @@ from tool.vis import cam_overlay, label_overlay
 
 # (row label, evaluation JSON name, split it was measured on)
 TABLE_ROWS = (("Seed", "seed", "train"), ("+CRF", "crf", "train"),
-              ("Mask (random walk)", "rw", "train"), ("DeepLabV1", "deeplab", "val"))
-PAGE_COLUMNS = ("image", "ground truth", "CAM", "seed", "CRF", "random walk", "DeepLab")
+              ("Mask (random walk)", "rw", "train"), ("Mask (IRN)", "irn", "train"), ("DeepLabV1", "deeplab", "val"))
+# Rows of the refinements a run may not have chosen: left out when they have no result.
+OPTIONAL_ROWS = ("rw", "irn")
+PAGE_COLUMNS = ("image", "ground truth", "CAM", "seed", "CRF", "random walk", "IRN", "DeepLab")
 
 
 def machine_description() -> str:
@@ -50,6 +52,8 @@ def collect_results(eval_dir: str, seed_curve_json: str, stage_markers: Sequence
         else:
             results = read_json_if_present(os.path.join(eval_dir, f"{name}.json"))
             miou, threshold = (results["miou_percent"] if results else None), None
+            if results is None and name in OPTIONAL_ROWS:
+                continue
         if name == "deeplab" and segmenter_row:
             label = segmenter_row
         rows.append({"row": label, "split": eval_split_names.get(split, split), "miou": miou,

@@ -69,8 +69,11 @@ def parameter_groups(model: nn.Module, lr: float, weight_decay: float,
     group carries ``name`` and ``lr_mult``; empty groups are kept so indices stay fixed.
     ``group_specs`` replaces the four (name, lr multiplier, decays) rows (SIPE: 1, 1, 10, 10,
     all decayed).
+    A model class with ``lr_groups`` gets those instead (:func:`lr_prefix_groups`).
     """
     model = unwrap_model(model)
+    if getattr(type(model), "lr_groups", None) is not None:
+        return lr_prefix_groups(model, lr, weight_decay)
     new_layers = getattr(type(model), "new_layers", None)
     if new_layers is None or isinstance(new_layers, str):
         raise TypeError(f"{type(model).__name__} must declare new_layers = (name prefixes, ...) "
@@ -88,6 +91,24 @@ def parameter_groups(model: nn.Module, lr: float, weight_decay: float,
         is_bias = name.rsplit(".", 1)[-1] == "bias"
         index = 2 * int(_is_new_layer(name, new_layers)) + int(is_bias)
         groups[index]["params"].append(parameter)
+    return groups
+
+
+def lr_prefix_groups(model: nn.Module, lr: float, weight_decay: float) -> list[dict[str, Any]]:
+    """One group per ``(submodule, lr_mult)`` of the model class's ``lr_groups`` (IRN: the boundary
+    branch x1, the displacement branch x10), weight decay on every parameter (biases and
+    GroupNorm included, as IRN); parameters in no listed submodule or with requires_grad False
+    train not."""
+    model = unwrap_model(model)
+    groups = []
+    for prefix, mult in type(model).lr_groups:
+        # The submodule's own parameter order (shared modules may be registered under other names first).
+        params = [p for p in model.get_submodule(prefix).parameters() if p.requires_grad]
+        if not params:
+            raise ValueError(f"{type(model).__name__}.lr_groups names {prefix!r}, "
+                             f"which matches no trainable parameter")
+        groups.append({"params": params, "name": prefix, "lr_mult": mult, "lr": lr * mult,
+                       "weight_decay": weight_decay})
     return groups
 
 
