@@ -40,10 +40,6 @@ from network.resnet import ResNet
 from network.spixel import CELL, pool_features, upsample_features
 from tool.training import parameter_groups
 
-# The VOC constants the reference really uses for every dataset (its quirk Q1: the ImageNet
-# branch tests dataset == 'voc2012', never true).
-MSA_MEAN = (0.471, 0.448, 0.408)
-MSA_STD = (0.234, 0.239, 0.242)
 AP_STEPS = 8
 AP_THRESHOLD = 0.6
 IPC_WEIGHT = 0.3
@@ -115,15 +111,18 @@ class MSANet(nn.Module):
     new_layers: Tuple[str, ...] = ("get_qfeats", "x4_feats", "x5_feats", "get_tran_conv5", "get_tran_conv4",
                                    "ala2", "ala1", "classifier")
 
-    def __init__(self, num_classes: int = 20, width_mult: float = 1.0, widened: bool = False) -> None:
+    def __init__(self, num_classes: int = 20, width_mult: float = 1.0, widened: bool = False,
+                 fixed_bn: bool = True) -> None:
         super().__init__()
         self.num_classes, self.width_mult, self.widened = num_classes, width_mult, widened
         self.model = ResNet(50, width_mult, strides=(2, 2, 2, 1))
-        # FixedBatchNorm everywhere (trained gamma/beta); unlike SIPE/IRN the reference trains
-        # the stem, so it is unfrozen again.
-        self.model.freeze_pretrained(trainable_affine=True)
-        for parameter in (*self.model.conv1.parameters(), *self.model.bn1.parameters()):
-            parameter.requires_grad_(True)
+        if fixed_bn:
+            # The reference's FixedBatchNorm everywhere (trained gamma/beta); unlike SIPE/IRN it
+            # trains the stem, so that is unfrozen again. fixed_bn=False (training from scratch,
+            # no ImageNet statistics to keep): plain BatchNorm, same keys.
+            self.model.freeze_pretrained(trainable_affine=True)
+            for parameter in (*self.model.conv1.parameters(), *self.model.bn1.parameters()):
+                parameter.requires_grad_(True)
         m = self.model
         # The reference's stage views: the same modules under a second name (state-dict aliases).
         self.stage1 = nn.Sequential(m.conv1, m.bn1, m.relu, m.maxpool)

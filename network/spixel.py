@@ -210,12 +210,6 @@ def pixel_coordinates(batch: int, height: int, width: int, device: torch.device 
     return torch.stack([xs, ys])[None].expand(batch, -1, -1, -1)
 
 
-def rgb_to_lab_uint8(image: np.ndarray) -> np.ndarray:
-    """OpenCV's 8-bit LAB of a uint8 RGB image (L * 255 / 100, a + 128, b + 128), HxWx3 uint8."""
-    import cv2  # imported late: only the superpixel data path needs OpenCV
-    return cv2.cvtColor(np.ascontiguousarray(image, dtype=np.uint8), cv2.COLOR_RGB2LAB)
-
-
 def labxy_target(lab_uint8: torch.Tensor) -> torch.Tensor:
     """train_scn's target: cat(LAB / 255, XY) from (N, H, W, 3) uint8 LAB -> (N, 5, H, W)."""
     lab = lab_uint8.permute(0, 3, 1, 2).float() / 255.0

@@ -11,8 +11,9 @@ import torch.nn.functional as F
 
 from network.spixel import (SpixelNet, boundary_recall, hard_superpixels, labxy_target, one_hot,
                             pixel_coordinates, pool_features, refine_with_affinity, refine_with_association,
-                            rgb_to_lab_uint8, spixel_loss, superpixel_affinity, upsample_features)
+                            spixel_loss, superpixel_affinity, upsample_features)
 from tests.reference_data import load_reference, portable_state_dict, reference_msa_keys
+from tool.transforms import rgb_to_lab_uint8
 
 
 def close(actual: torch.Tensor | np.ndarray, expected: np.ndarray, atol: float = 1e-4, rtol: float = 1e-3) -> None:

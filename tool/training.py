@@ -366,7 +366,8 @@ class Trainer:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
                  dist: DistInfo, *, max_step: int, steps_per_epoch: int, loss_names: Sequence[str],
                  save_dir: str, session_name: str, save_every: int = 0,
-                 args: argparse.Namespace | Mapping[str, Any] | None = None, amp: bool = True) -> None:
+                 args: argparse.Namespace | Mapping[str, Any] | None = None, amp: bool = True,
+                 clip_grad_norm: float = 0.0) -> None:
         if max_step <= 0 or steps_per_epoch <= 0:
             raise ValueError(f"max_step ({max_step}) and steps_per_epoch ({steps_per_epoch}) must be positive")
         reserved = {"step", "epoch", "lr", "loss"} & set(loss_names)
@@ -382,6 +383,7 @@ class Trainer:
         self.save_every = save_every
         self.args = args
         self.amp = amp
+        self.clip_grad_norm = clip_grad_norm  # > 0: clip the gradient norm before each step (MSA: 1)
         self.last_path, self.final_path = checkpoint_paths(save_dir, session_name)
         self.csv_path = os.path.join(save_dir, f"{session_name}_log.csv")
         self.global_step = 0
@@ -510,6 +512,8 @@ class Trainer:
 
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if self.clip_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_grad_norm)
         self.optimizer.step()
         lr = self.optimizer.param_groups[0]["lr"]
         if self.scheduler is not None:
@@ -536,24 +540,30 @@ class Trainer:
 
 
 def build_trainer(model: nn.Module, num_samples: int, args: argparse.Namespace, dist: DistInfo,
-                  loss_names: Sequence[str], *, max_step: int | None = None) -> tuple[Trainer, EpochBatchSampler]:
-    """The set-up the three train scripts share, from their common flags.
+                  loss_names: Sequence[str], *, max_step: int | None = None,
+                  optimizer: torch.optim.Optimizer | None = None, poly_power: float | None = 0.9,
+                  clip_grad_norm: float = 0.0) -> tuple[Trainer, EpochBatchSampler]:
+    """The set-up the train scripts share, from their common flags.
 
     SGD over SEAM's four parameter groups with the poly schedule, DDP wrapping, the epoch
     sampler, the Trainer, the resolved configuration saved beside the checkpoints, and
     ``--resume``. ``max_step`` defaults to ``--max_epoches`` epochs. The (possibly DDP-wrapped)
-    model is ``trainer.model``.
+    model is ``trainer.model``. A method with another optimiser passes it as ``optimizer``
+    (MSA: Nesterov SGD; SpixelFCN: Adam); ``poly_power`` None keeps the learning rate constant;
+    ``clip_grad_norm`` > 0 clips the gradient norm before every step.
     """
-    optimizer = make_sgd(parameter_groups(model, args.lr, args.wt_dec), momentum=args.momentum)
+    if optimizer is None:
+        optimizer = make_sgd(parameter_groups(model, args.lr, args.wt_dec), momentum=args.momentum)
     model = prepare_model(model, dist)
     sampler = EpochBatchSampler(num_samples, args.batch_size, seed=args.seed,
                                 rank=dist.rank, world_size=dist.world_size)
     if max_step is None:
         max_step = sampler.batches_per_epoch * args.max_epoches
-    trainer = Trainer(model, optimizer, PolyLR(optimizer, max_step), dist, max_step=max_step,
+    scheduler = PolyLR(optimizer, max_step, poly_power) if poly_power is not None else None
+    trainer = Trainer(model, optimizer, scheduler, dist, max_step=max_step,
                       steps_per_epoch=sampler.batches_per_epoch, loss_names=loss_names,
                       save_dir=args.save_dir, session_name=args.session_name,
-                      save_every=args.save_every, args=args, amp=args.amp)
+                      save_every=args.save_every, args=args, amp=args.amp, clip_grad_norm=clip_grad_norm)
     if dist.is_main:
         save_config(args, os.path.join(args.save_dir, f"{args.session_name}_config.json"))
     trainer.resume(args.resume)
