@@ -9,6 +9,11 @@ Outputs, in SEAM's formats (``tool/contract.py``): CAM dicts ``<out_cam>/<id>.np
 with ``--out_vis``, CAM overlays and a PCM affinity picture per image. Images whose outputs
 all exist are skipped, so an interrupted run resumes. ``--shard K/N`` or ``torchrun`` split the
 list; the CRF runs in a process pool beside the network.
+
+``--method msa`` (or ``msa_sal``) runs an MSA checkpoint (train_msa.py) with its superpixel FCN
+(``--spixel_weights``): the reference evaluator's CAMs (each scale and its mirror stretched to
+multiples of 16, affinity propagation, logits upsampled through the superpixel association,
+summed, max-normalised) at full resolution.
 """
 from __future__ import annotations
 
@@ -24,6 +29,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from network.avc import AVCNet
+from network.msa import AP_STEPS, AP_THRESHOLD, MSANet, msa_cam_dict
+from network.spixel import SpixelNet
 from network.weights import load_for_inference
 from tool.cam import cam_dict_from, fuse_cams, seed_from_cam_dict
 from tool.cli import (add_dataset_args, add_inference_model_args, add_shard_args, non_negative_int,
@@ -46,6 +53,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     add_dataset_args(parser)
     add_shard_args(parser)
     parser.add_argument("--weights", required=True, help="trained AVC/SEAM classifier (.pth)")
+    parser.add_argument("--method", choices=("avc", "msa", "msa_sal"), default="avc",
+                        help="the classifier's method (msa/msa_sal: an MSA checkpoint of train_msa.py)")
+    parser.add_argument("--spixel_weights", default=None, help="MSA: the superpixel FCN (train_scn.py)")
+    parser.add_argument("--widened", action="store_true", help="MSA: a checkpoint trained with --widened")
+    parser.add_argument("--ap_steps", type=non_negative_int, default=AP_STEPS,
+                        help=f"MSA: affinity propagation steps (default {AP_STEPS}, the training-time evaluator)")
+    parser.add_argument("--ap_threshold", type=float, default=AP_THRESHOLD,
+                        help=f"MSA: affinity propagation threshold (default {AP_THRESHOLD})")
     add_inference_model_args(parser)
     parser.add_argument("--infer_list", default=None, help="image ids (default: <root>/train.txt)")
     parser.add_argument("--scales", type=positive_float, nargs="+", default=(0.5, 1.0, 1.5, 2.0))
@@ -69,6 +84,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if not (args.out_cam or args.out_cam_pred or args.out_crf or args.out_vis):
         parser.error("nothing to write: give at least one of --out_cam --out_cam_pred --out_crf --out_vis")
+    if args.method != "avc" and args.spixel_weights is None:
+        parser.error(f"--method {args.method} needs --spixel_weights")
     return args
 
 
@@ -86,11 +103,14 @@ def output_paths(args: argparse.Namespace, image_id: str) -> list[str]:
     return paths
 
 
-def visualise(model: AVCNet, item: dict, cam_dict: dict, seed: np.ndarray, device: torch.device) -> np.ndarray:
-    """CAM overlays, the seed, and the PCM affinity of the unflipped scale-1 view sorted by seed class."""
+def visualise(model: AVCNet, item: dict, cam_dict: dict, seed: np.ndarray, device: torch.device,
+              affinity: bool = True) -> np.ndarray:
+    """CAM overlays, the seed, and (AVC) the PCM affinity of the unflipped scale-1 view sorted by seed class."""
     image = item["image"]
     pictures = [image] + [cam_overlay(image, cam_dict[key]) for key in sorted(cam_dict)]
     pictures.append(label_overlay(image, seed))
+    if not affinity:
+        return tile_row(pictures)
     view = item["views"][min(range(len(item["views"])),
                              key=lambda index: abs(item["views"][index].shape[-1] - image.shape[1]))]
     with torch.inference_mode():
@@ -117,12 +137,27 @@ def main(argv: Sequence[str] | None = None) -> None:
         logger.info("%d of %d images to do (%d already done)", len(todo), len(ids), len(ids) - len(todo))
         if not todo:
             return
-        dataset = MultiScaleDataset(info, todo, info.load_cls_labels(), scales=args.scales, source=infer_list)
-        model = load_for_inference(lambda width: AVCNet(num_classes=info.num_classes, width_mult=width),
-                                   args.weights, args.width_mult, dist.device)
+        # MSA resizes the full image itself (its evaluator's stretch): no views to prepare.
+        dataset = MultiScaleDataset(info, todo, info.load_cls_labels(), scales=args.scales if args.method == "avc"
+                                    else (), source=infer_list)
+        if args.method == "avc":
+            model = load_for_inference(lambda width: AVCNet(num_classes=info.num_classes, width_mult=width),
+                                       args.weights, args.width_mult, dist.device)
 
-        def class_cams(batch: torch.Tensor) -> torch.Tensor:
-            return model.forward_cam(batch)[:, 1:]  # drop the background channel, as SEAM
+            def image_cam_dict(item: dict, label: np.ndarray) -> dict:
+                view_cams = forward_views(lambda batch: model.forward_cam(batch)[:, 1:],  # no bg, as SEAM
+                                          item["views"], item["image"].shape[:2], align_corners=False,
+                                          device=dist.device)
+                return cam_dict_from(fuse_cams(view_cams.float().cpu().numpy(), label,
+                                               clip=not args.seam_cam_norm), label)
+        else:
+            model = load_for_inference(lambda width: MSANet(info.num_classes, width, widened=args.widened),
+                                       args.weights, args.width_mult, dist.device)
+            spixel = load_for_inference(SpixelNet, args.spixel_weights, None, dist.device)
+
+            def image_cam_dict(item: dict, label: np.ndarray) -> dict:
+                return msa_cam_dict(model, spixel, item["image"], label, args.scales, dist.device,
+                                    args.ap_steps, args.ap_threshold, "image" if args.method == "msa" else "saliency")
 
         loader = torch.utils.data.DataLoader(dataset, batch_size=1, collate_fn=collate_single,
                                              num_workers=args.num_workers)
@@ -130,10 +165,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         pending = []
         for item in tqdm(loader, desc="seeds", disable=not dist.is_main, dynamic_ncols=True):
             image_id, image, label = item["id"], item["image"], item["label"].numpy()
-            view_cams = forward_views(class_cams, item["views"], image.shape[:2], align_corners=False,
-                                      device=dist.device)
-            norm_cam = fuse_cams(view_cams.float().cpu().numpy(), label, clip=not args.seam_cam_norm)
-            cam_dict = cam_dict_from(norm_cam, label)
+            cam_dict = image_cam_dict(item, label)
             seed = seed_from_cam_dict(cam_dict, info.num_classes, args.out_cam_pred_alpha, image.shape[:2])
             if args.out_cam:
                 save_npy(os.path.join(args.out_cam, f"{image_id}.npy"), cam_dict)
@@ -141,7 +173,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 save_palette_png(os.path.join(args.out_cam_pred, f"{image_id}.png"), seed)
             if args.out_vis:
                 save_rgb_image(os.path.join(args.out_vis, f"{image_id}.jpg"),
-                               visualise(model, item, cam_dict, seed, dist.device))
+                               visualise(model, item, cam_dict, seed, dist.device, args.method == "avc"))
             if args.out_crf:
                 crf_args = (image, cam_dict, image_id, args.out_crf, args.crf_alphas)
                 if crf_pool is None:

@@ -77,6 +77,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error("--variant saliency needs --sal_dir")
     if args.poly_power is None:
         args.poly_power = IPC_VARIANTS[args.variant].poly_power
+    # Recorded in the checkpoint, so inference knows what it loads (seed-method names).
+    args.method, args.backbone = ("msa" if args.variant == "image" else "msa_sal"), "resnet50"
     return args
 
 
@@ -104,7 +106,7 @@ def run(args: argparse.Namespace) -> MSANet:
             logger.info("no --weights: training from scratch (BatchNorm trains)")
         trainer, sampler = build_trainer(model, len(dataset), args, dist, LOSS_TERMS,
                                          optimizer=msa_optimizer(model, args.lr, args.wt_dec, args.momentum),
-                                         poly_power=args.poly_power, clip_grad_norm=args.clip_grad_norm)
+                                         poly_power=args.poly_power, clip_grad_norm=args.clip_grad_norm or None)
         model = trainer.model
         model.train()
         for _ in trainer.epochs(sampler):

@@ -31,6 +31,7 @@ from __future__ import annotations
 import math
 from typing import Any, Dict, NamedTuple, Sequence, Tuple
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -38,7 +39,9 @@ import torch.nn.functional as F
 from network.layers import scaled_channels
 from network.resnet import ResNet
 from network.spixel import CELL, pool_features, upsample_features
+from tool.contract import MSA_MEAN, MSA_STD
 from tool.training import parameter_groups
+from tool.transforms import hwc_to_chw, normalize
 
 AP_STEPS = 8
 AP_THRESHOLD = 0.6
@@ -384,3 +387,17 @@ def msa_cams(model: MSANet, spixel: nn.Module, image: torch.Tensor, scales: Sequ
         total = full if total is None else total + full
     cams = F.interpolate(make_cam(total), size=(height, width), mode="bilinear", align_corners=False)
     return {"cams": cams, "summed": total, "association": associations, "logits": logits_per_scale}
+
+
+def msa_cam_dict(model: MSANet, spixel: nn.Module, image: np.ndarray, label: np.ndarray,
+                 scales: Sequence[float], device: torch.device | str = "cpu", ap_steps: int = AP_STEPS,
+                 ap_threshold: float = AP_THRESHOLD, sum_at: str = "image") -> Dict[int, np.ndarray]:
+    """The CAM dict of one uint8 RGB image: :func:`msa_cams` at ``scales`` and their mirrors
+    (the reference evaluator's ``__main__``: 0.5, 1, 1.5, 2 and flips), foreground classes of
+    ``label`` only (0-based keys), float32 in [0, 1] at the image size."""
+    tensor = torch.from_numpy(hwc_to_chw(normalize(image, MSA_MEAN, MSA_STD)))[None].to(device)
+    views = [float(s) for s in scales] + [-float(s) for s in scales]
+    with torch.inference_mode():
+        cams = msa_cams(model, spixel, tensor, views, ap_steps, ap_threshold, sum_at)["cams"][0, 1:]
+    cams = cams.float().cpu().numpy()
+    return {int(c): cams[c].astype(np.float32) for c in np.nonzero(label)[0]}

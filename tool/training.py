@@ -58,7 +58,8 @@ def _is_new_layer(name: str, new_layers: Sequence[str]) -> bool:
     return any(name == prefix or name.startswith(prefix + ".") for prefix in new_layers)
 
 
-def parameter_groups(model: nn.Module, lr: float, weight_decay: float) -> list[dict[str, Any]]:
+def parameter_groups(model: nn.Module, lr: float, weight_decay: float,
+                     group_specs: Sequence[tuple[str, float, bool]] = GROUP_SPECS) -> list[dict[str, Any]]:
     """SEAM's four parameter groups, from the model class's ``new_layers`` name prefixes.
 
     Like SEAM's ``get_parameter_groups``, weights (conv and normalisation scales) get
@@ -66,6 +67,8 @@ def parameter_groups(model: nn.Module, lr: float, weight_decay: float) -> list[d
     1x ``lr``, backbone biases 2x, new-layer weights 10x, new-layer biases 20x.
     Parameters with ``requires_grad`` False (frozen BN, conv1a, b2*) are left out. Each
     group carries ``name`` and ``lr_mult``; empty groups are kept so indices stay fixed.
+    ``group_specs`` replaces the four (name, lr multiplier, decays) rows (SIPE: 1, 1, 10, 10,
+    all decayed).
     """
     model = unwrap_model(model)
     new_layers = getattr(type(model), "new_layers", None)
@@ -78,7 +81,7 @@ def parameter_groups(model: nn.Module, lr: float, weight_decay: float) -> list[d
         raise ValueError(f"{type(model).__name__}.new_layers names {unmatched}, which match no parameter")
     groups = [{"params": [], "name": name, "lr_mult": mult, "lr": lr * mult,
                "weight_decay": weight_decay if decays else 0.0}
-              for name, mult, decays in GROUP_SPECS]
+              for name, mult, decays in group_specs]
     for name, parameter in named:
         if not parameter.requires_grad:
             continue
@@ -367,7 +370,7 @@ class Trainer:
                  dist: DistInfo, *, max_step: int, steps_per_epoch: int, loss_names: Sequence[str],
                  save_dir: str, session_name: str, save_every: int = 0,
                  args: argparse.Namespace | Mapping[str, Any] | None = None, amp: bool = True,
-                 clip_grad_norm: float = 0.0) -> None:
+                 clip_grad_norm: float | None = None) -> None:
         if max_step <= 0 or steps_per_epoch <= 0:
             raise ValueError(f"max_step ({max_step}) and steps_per_epoch ({steps_per_epoch}) must be positive")
         reserved = {"step", "epoch", "lr", "loss"} & set(loss_names)
@@ -383,7 +386,7 @@ class Trainer:
         self.save_every = save_every
         self.args = args
         self.amp = amp
-        self.clip_grad_norm = clip_grad_norm  # > 0: clip the gradient norm before each step (MSA: 1)
+        self.clip_grad_norm = clip_grad_norm  # max total gradient L2 norm (SIPE: 1.0); None: no clipping
         self.last_path, self.final_path = checkpoint_paths(save_dir, session_name)
         self.csv_path = os.path.join(save_dir, f"{session_name}_log.csv")
         self.global_step = 0
@@ -512,7 +515,7 @@ class Trainer:
 
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if self.clip_grad_norm > 0:
+        if self.clip_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_grad_norm)
         self.optimizer.step()
         lr = self.optimizer.param_groups[0]["lr"]
@@ -541,19 +544,21 @@ class Trainer:
 
 def build_trainer(model: nn.Module, num_samples: int, args: argparse.Namespace, dist: DistInfo,
                   loss_names: Sequence[str], *, max_step: int | None = None,
-                  optimizer: torch.optim.Optimizer | None = None, poly_power: float | None = 0.9,
-                  clip_grad_norm: float = 0.0) -> tuple[Trainer, EpochBatchSampler]:
-    """The set-up the train scripts share, from their common flags.
+                  group_specs: Sequence[tuple[str, float, bool]] = GROUP_SPECS,
+                  clip_grad_norm: float | None = None, optimizer: torch.optim.Optimizer | None = None,
+                  poly_power: float | None = 0.9) -> tuple[Trainer, EpochBatchSampler]:
+    """The set-up the three train scripts share, from their common flags.
 
     SGD over SEAM's four parameter groups with the poly schedule, DDP wrapping, the epoch
     sampler, the Trainer, the resolved configuration saved beside the checkpoints, and
     ``--resume``. ``max_step`` defaults to ``--max_epoches`` epochs. The (possibly DDP-wrapped)
-    model is ``trainer.model``. A method with another optimiser passes it as ``optimizer``
-    (MSA: Nesterov SGD; SpixelFCN: Adam); ``poly_power`` None keeps the learning rate constant;
-    ``clip_grad_norm`` > 0 clips the gradient norm before every step.
+    model is ``trainer.model``. ``group_specs`` and ``clip_grad_norm``: a seed method's
+    parameter groups and gradient clipping (network.methods). A method with another optimiser
+    passes it as ``optimizer`` (MSA: Nesterov SGD; SpixelFCN: Adam); ``poly_power`` is the poly
+    schedule's power (MSA: 0.5 / 0.9), None keeps the learning rate constant (SpixelFCN).
     """
     if optimizer is None:
-        optimizer = make_sgd(parameter_groups(model, args.lr, args.wt_dec), momentum=args.momentum)
+        optimizer = make_sgd(parameter_groups(model, args.lr, args.wt_dec, group_specs), momentum=args.momentum)
     model = prepare_model(model, dist)
     sampler = EpochBatchSampler(num_samples, args.batch_size, seed=args.seed,
                                 rank=dist.rank, world_size=dist.world_size)
