@@ -254,14 +254,45 @@ def boundary_map(labels: np.ndarray) -> np.ndarray:
     return edge
 
 
-def boundary_recall(superpixels: np.ndarray, gt: np.ndarray, tolerance: int = 2,
-                    ignore: int = 255) -> Tuple[int, int]:
-    """(ground-truth boundary pixels within ``tolerance`` px of a superpixel boundary, all of them).
+def superpixel_scores(superpixels: np.ndarray, gt: np.ndarray, tolerance: int = 2,
+                      ignore: int = 255) -> Dict[str, int]:
+    """Counts for the standard superpixel metrics (SpixelFCN reports them on BSDS500, tolerance 2).
 
-    The standard superpixel metric (SpixelFCN reports it on BSDS500 with tolerance 2); pixels
-    next to the ignore label are not counted.
+    * boundary recall = ``recall_found / recall_total``: ground-truth boundary pixels within
+      ``tolerance`` px of a superpixel boundary;
+    * boundary precision = ``precision_found / precision_total``: superpixel boundary pixels
+      within ``tolerance`` px of a ground-truth boundary (recall alone rewards ragged superpixels);
+    * achievable segmentation accuracy = ``asa_correct / asa_total``: pixels whose superpixel's
+      majority label is their own.
+
+    Pixels of the ignore label are not scored (their edges are not ground-truth boundaries).
     """
-    gt_edges = boundary_map(gt) & (gt != ignore)
-    edges = torch.from_numpy(boundary_map(superpixels)).float()[None, None]
-    found = F.max_pool2d(edges, 2 * tolerance + 1, 1, tolerance)[0, 0].numpy() > 0  # a square window
-    return int((gt_edges & found).sum()), int(gt_edges.sum())
+    def near(edges: np.ndarray) -> np.ndarray:  # within tolerance: a square window
+        return F.max_pool2d(torch.from_numpy(edges).float()[None, None], 2 * tolerance + 1, 1, tolerance)[0, 0].numpy() > 0
+
+    valid = gt != ignore
+    gt_edges = boundary_map(gt) & valid
+    sp_edges = boundary_map(superpixels) & valid
+    ids = np.unique(superpixels[valid], return_inverse=True)[1]
+    joint = np.zeros((ids.max() + 1, int(gt[valid].max()) + 1), dtype=np.int64)
+    np.add.at(joint, (ids, gt[valid].astype(np.int64)), 1)
+    return {"recall_found": int((gt_edges & near(sp_edges)).sum()), "recall_total": int(gt_edges.sum()),
+            "precision_found": int((sp_edges & near(gt_edges)).sum()), "precision_total": int(sp_edges.sum()),
+            "asa_correct": int(joint.max(axis=1).sum()), "asa_total": int(valid.sum())}
+
+
+def superpixels_of_image(spixel: nn.Module | None, image: torch.Tensor, cell: int = CELL) -> np.ndarray:
+    """(h, w) superpixel ids of one normalised image (1, 3, h, w), as the MSA evaluator sees it:
+    stretched to multiples of ``cell``, hard-assigned, nearest-resized back. ``spixel`` None
+    gives the regular grid (every pixel in its own cell), the trivial baseline."""
+    height, width = image.shape[-2:]
+    size = (-(-height // cell) * cell, -(-width // cell) * cell)
+    stretched = F.interpolate(image, size=size, mode="bilinear", align_corners=False)
+    if spixel is None:
+        association = torch.zeros(1, ASSOCIATION_CHANNELS, *size, device=image.device)
+        association[:, 4] = 1
+    else:
+        with torch.inference_mode():
+            association = spixel(stretched)
+    labels = hard_superpixels(association, cell)[:, None].float()
+    return F.interpolate(labels, size=(height, width), mode="nearest")[0, 0].long().cpu().numpy()

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+import eval_spixel
 import infer_seed
 import train_msa
 import train_scn
@@ -119,3 +120,13 @@ def test_infer_seed_writes_msa_cam_dicts(root, trained, tmp_path, method):
         for cam in cam_dict.values():
             assert cam.dtype == np.float32 and cam.min() >= 0 and cam.max() <= 1
         assert os.path.isfile(os.path.join(out, "seed", f"{image_id}.png"))
+
+
+def test_eval_spixel_scores_the_fcn_and_the_grid(root, trained, tmp_path):
+    out = str(tmp_path / "spixel.json")
+    result = eval_spixel.main(["--weights", trained["spixel"], "--dataset", "synthetic", "--voc12_root", root,
+                               "--out", out])
+    assert os.path.isfile(out) and result["images"] == 6
+    for name in ("spixel_fcn", "regular_grid"):
+        assert set(result[name]) == {"boundary_recall", "boundary_precision", "asa"}
+        assert all(0 <= value <= 1 for value in result[name].values())

@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from network.spixel import (SpixelNet, boundary_recall, hard_superpixels, labxy_target, one_hot,
+from network.spixel import (SpixelNet, hard_superpixels, labxy_target, one_hot,
                             pixel_coordinates, pool_features, refine_with_affinity, refine_with_association,
-                            spixel_loss, superpixel_affinity, upsample_features)
+                            spixel_loss, superpixel_affinity, superpixel_scores, upsample_features)
 from tests.reference_data import load_reference, portable_state_dict, reference_msa_keys
 from tool.transforms import rgb_to_lab_uint8
 
@@ -104,15 +104,20 @@ def test_affinity_and_refinement(ref):
     assert np.array_equal(refined.argmax(1).numpy(), ref["refine_q_pred"])
 
 
-def test_boundary_recall_of_hard_superpixels():
+def test_superpixel_scores_of_hard_superpixels():
     # An association that puts every pixel in its own cell: superpixel edges are the grid lines.
     association = torch.zeros(1, 9, 32, 32)
     association[:, 4] = 1
     cells = hard_superpixels(association, cell=16)[0].numpy()
     assert len(np.unique(cells)) == 4
     gt = np.zeros((32, 32), dtype=np.int64)
-    gt[:, 16:] = 1                      # on a grid line: found
-    assert boundary_recall(cells, gt, tolerance=0) == (32, 32)
+    gt[:, 16:] = 1                      # on a grid line: found, and the cells are pure
+    scores = superpixel_scores(cells, gt, tolerance=0)
+    assert (scores["recall_found"], scores["recall_total"]) == (32, 32)
+    assert scores["precision_found"] == 32 and scores["precision_total"] == 63  # the row 15 edge is no gt edge
+    assert scores["asa_correct"] == scores["asa_total"] == 1024
     gt = np.zeros((32, 32), dtype=np.int64)
     gt[:, 8:] = 1                       # between grid lines: missed, except within 2 px of row 15/16
-    assert boundary_recall(cells, gt, tolerance=2) == (5, 32)
+    scores = superpixel_scores(cells, gt, tolerance=2)
+    assert (scores["recall_found"], scores["recall_total"]) == (5, 32)
+    assert scores["asa_correct"] == 1024 - 2 * 8 * 16   # each left cell's 8 minority columns
