@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from network.layers import scaled_channels
 from network.resnet import ResNet
-from network.spixel import CELL, pool_features, upsample_features
+from network.spixel import CELL, conv_block, pool_features, upsample_features
 from tool.contract import MSA_MEAN, MSA_STD
 from tool.training import parameter_groups
 from tool.transforms import hwc_to_chw, normalize
@@ -49,20 +49,10 @@ IPC_WEIGHT = 0.3
 STAGE_ALIASES = ("stage1", "stage2", "stage3", "stage4", "stage5")
 
 
-def _conv(batch_norm: bool, in_channels: int, out_channels: int, kernel: int = 3, stride: int = 1,
-          padding: int | None = None) -> nn.Sequential:
-    """The reference ``conv``: conv (+BN) + LeakyReLU(0.1); keys ``.0`` conv, ``.1`` BN."""
-    padding = (kernel - 1) // 2 if padding is None else padding
-    if batch_norm:
-        return nn.Sequential(nn.Conv2d(in_channels, out_channels, kernel, stride, padding, bias=False),
-                             nn.BatchNorm2d(out_channels), nn.LeakyReLU(0.1))
-    return nn.Sequential(nn.Conv2d(in_channels, out_channels, kernel, stride, padding, bias=True),
-                         nn.LeakyReLU(0.1))
-
-
 def _kernel_head(in_channels: int, hidden: int) -> nn.Sequential:
     """3 x 3 conv -> 1 x 1 conv to 9 (each + LeakyReLU(0.1), the reference's Q12) -> softmax."""
-    return nn.Sequential(_conv(False, in_channels, hidden, 3), _conv(False, hidden, 9, 1), nn.Softmax(dim=1))
+    return nn.Sequential(conv_block(False, in_channels, hidden, 3), conv_block(False, hidden, 9, 1),
+                         nn.Softmax(dim=1))
 
 
 def _gate(channels: int, hidden: int) -> nn.Sequential:
@@ -135,10 +125,10 @@ class MSANet(nn.Module):
         self.stage5 = nn.Sequential(m.layer4)
         c = lambda n: scaled_channels(n, width_mult)  # noqa: E731 - local shorthand
         c4, c5, f = m.channels["layer3"], m.channels["layer4"], c(128)
-        self.get_qfeats = nn.Sequential(_conv(True, 9, c(32), 4, 4, 1), _conv(True, c(32), f, 4, 4, 1),
-                                        _conv(False, f, f, 3))
-        self.x4_feats = nn.Sequential(_conv(True, c4, f, 1))
-        self.x5_feats = nn.Sequential(_conv(True, c5, f, 1))
+        self.get_qfeats = nn.Sequential(conv_block(True, 9, c(32), 4, 4, 1), conv_block(True, c(32), f, 4, 4, 1),
+                                        conv_block(False, f, f, 3))
+        self.x4_feats = nn.Sequential(conv_block(True, c4, f, 1))
+        self.x5_feats = nn.Sequential(conv_block(True, c5, f, 1))
         head_in = 2 * f if widened else f
         self.get_tran_conv5 = _kernel_head(head_in, c(256))
         self.get_tran_conv4 = _kernel_head(head_in, c(256))

@@ -36,9 +36,11 @@ LOSS_FACTOR = 0.005      # SpixelFCN: "empirically timing 0.005"
 NEIGHBOUR_OFFSETS: Tuple[Tuple[int, int], ...] = tuple((k // 3 - 1, k % 3 - 1) for k in range(9))
 
 
-def _conv(batch_norm: bool, in_channels: int, out_channels: int, kernel: int = 3, stride: int = 1) -> nn.Sequential:
-    """The reference ``conv``: conv (+BN) + LeakyReLU(0.1); keys ``.0`` conv, ``.1`` BN."""
-    padding = (kernel - 1) // 2
+def conv_block(batch_norm: bool, in_channels: int, out_channels: int, kernel: int = 3, stride: int = 1,
+               padding: int | None = None) -> nn.Sequential:
+    """The reference ``conv`` (SpixelFCN and MSA): conv (+BN) + LeakyReLU(0.1); keys ``.0``
+    conv, ``.1`` BN; padding (kernel - 1) // 2 unless given."""
+    padding = (kernel - 1) // 2 if padding is None else padding
     if batch_norm:
         return nn.Sequential(nn.Conv2d(in_channels, out_channels, kernel, stride, padding, bias=False),
                              nn.BatchNorm2d(out_channels), nn.LeakyReLU(0.1))
@@ -61,27 +63,27 @@ class SpixelNet(nn.Module):
         super().__init__()
         self.width_mult = width_mult
         c = [scaled_channels(n, width_mult) for n in (16, 32, 64, 128, 256)]
-        self.conv0a = _conv(True, 3, c[0])
-        self.conv0b = _conv(True, c[0], c[0])
-        self.conv1a = _conv(True, c[0], c[1], stride=2)
-        self.conv1b = _conv(True, c[1], c[1])
-        self.conv2a = _conv(True, c[1], c[2], stride=2)
-        self.conv2b = _conv(True, c[2], c[2])
-        self.conv3a = _conv(True, c[2], c[3], stride=2)
-        self.conv3b = _conv(True, c[3], c[3])
-        self.conv4a = _conv(True, c[3], c[4], stride=2)
-        self.conv4b = _conv(True, c[4], c[4])
+        self.conv0a = conv_block(True, 3, c[0])
+        self.conv0b = conv_block(True, c[0], c[0])
+        self.conv1a = conv_block(True, c[0], c[1], stride=2)
+        self.conv1b = conv_block(True, c[1], c[1])
+        self.conv2a = conv_block(True, c[1], c[2], stride=2)
+        self.conv2b = conv_block(True, c[2], c[2])
+        self.conv3a = conv_block(True, c[2], c[3], stride=2)
+        self.conv3b = conv_block(True, c[3], c[3])
+        self.conv4a = conv_block(True, c[3], c[4], stride=2)
+        self.conv4b = conv_block(True, c[4], c[4])
         self.deconv3 = _deconv(c[4], c[3])
-        self.conv3_1 = _conv(True, 2 * c[3], c[3])
+        self.conv3_1 = conv_block(True, 2 * c[3], c[3])
         self.pred_mask3 = nn.Conv2d(c[3], ASSOCIATION_CHANNELS, 3, 1, 1)  # unused (kept for the keys)
         self.deconv2 = _deconv(c[3], c[2])
-        self.conv2_1 = _conv(True, 2 * c[2], c[2])
+        self.conv2_1 = conv_block(True, 2 * c[2], c[2])
         self.pred_mask2 = nn.Conv2d(c[2], ASSOCIATION_CHANNELS, 3, 1, 1)  # unused
         self.deconv1 = _deconv(c[2], c[1])
-        self.conv1_1 = _conv(True, 2 * c[1], c[1])
+        self.conv1_1 = conv_block(True, 2 * c[1], c[1])
         self.pred_mask1 = nn.Conv2d(c[1], ASSOCIATION_CHANNELS, 3, 1, 1)  # unused
         self.deconv0 = _deconv(c[1], c[0])
-        self.conv0_1 = _conv(True, 2 * c[0], c[0])
+        self.conv0_1 = conv_block(True, 2 * c[0], c[0])
         self.pred_mask0 = nn.Conv2d(c[0], ASSOCIATION_CHANNELS, 3, 1, 1)
         # The reference init: kaiming_uniform(a=0.1) on every conv, zero biases, BN (1, 0).
         for module in self.modules():
