@@ -16,6 +16,11 @@ and one that contradicts the checkpoint is refused. SIPE/AE-SIPE: the IS-CAMs of
 1, 0.5, 1.5, 2 (with flip) are summed and max-normalised; the CAM dicts hold its foreground
 channels, the seed PNG is the arg-max with SIPE's own background channel, and ``--out_is_cam``
 writes the reference's ``{'keys', 'IS_CAM'}`` dicts for SIPE's own later steps.
+
+``--method msa`` / ``msa_sal`` checkpoints (train_msa.py) run with their superpixel FCN
+(``--spixel_weights``, default the one recorded at training): the reference evaluator's CAMs
+(each scale and its mirror stretched to multiples of 16, affinity propagation, logits upsampled
+through the superpixel association, summed, max-normalised) at full resolution.
 """
 from __future__ import annotations
 
@@ -30,6 +35,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from network.methods import METHODS, ImageCams, SeedMethod, build_network, image_cams_many
+from network.msa import AP_STEPS, AP_THRESHOLD, MSANet, msa_cam_dict
+from network.spixel import SpixelNet
 from network.weights import load_for_inference, read_weights, saved_args
 from tool.cam import labels_from_scores, seed_from_cam_dict
 from tool.cli import (add_dataset_args, add_inference_model_args, add_overwrite_arg, add_parallel_args, add_shard_args,
@@ -46,6 +53,10 @@ from tool.vis import affinity_matrix_picture, cam_overlay, label_overlay, tile_r
 from voc12.data import MultiScaleDataset
 
 logger = logging.getLogger("infer_seed")
+# MSA's checkpoints (train_msa.py trains them with its frozen superpixel FCN); not yet entries of
+# network/methods.py's table, so inference dispatches on their names here.
+MSA_METHODS = ("msa", "msa_sal")
+MSA_SCALES = (0.5, 1.0, 1.5, 2.0)  # the reference evaluator's
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -53,9 +64,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     add_dataset_args(parser)
     add_shard_args(parser)
     parser.add_argument("--weights", required=True, help="trained seed classifier (.pth)")
-    parser.add_argument("--method", choices=tuple(METHODS), default=None,
+    parser.add_argument("--method", choices=(*METHODS, *MSA_METHODS), default=None,
                         help="seed method, for checkpoints that do not record it (default: the "
                              "checkpoint's, else avc)")
+    msa = parser.add_argument_group("MSA checkpoints (train_msa.py)")
+    msa.add_argument("--spixel_weights", default=None,
+                     help="the superpixel FCN (train_scn.py; default: the one recorded in the checkpoint)")
+    msa.add_argument("--widened", action="store_true", help="a checkpoint trained with --widened")
+    msa.add_argument("--ap_steps", type=non_negative_int, default=AP_STEPS,
+                     help=f"affinity propagation steps (default {AP_STEPS}, the training-time evaluator)")
+    msa.add_argument("--ap_threshold", type=float, default=AP_THRESHOLD,
+                     help=f"affinity propagation threshold (default {AP_THRESHOLD})")
     add_inference_model_args(parser)
     parser.add_argument("--infer_list", default=None, help="image ids (default: <root>/train.txt)")
     parser.add_argument("--scales", type=positive_float, nargs="+", default=None,
@@ -109,15 +128,15 @@ def output_paths(args: argparse.Namespace, image_id: str) -> list[str]:
     return paths
 
 
-def resolve_method(flag: str | None, saved: dict, weights: str) -> SeedMethod:
+def resolve_method(flag: str | None, saved: dict, weights: str) -> str:
     """The checkpoint's method; ``flag`` for files without one (default avc); a contradiction is an error."""
     recorded = saved.get("method")
-    if recorded is not None and recorded not in METHODS:
+    if recorded is not None and recorded not in (*METHODS, *MSA_METHODS):
         raise DataError(f"{weights}: trained with seed method {recorded!r}, which this version does not know "
                         f"(known: {', '.join(METHODS)})")
     if flag is not None and recorded is not None and flag != recorded:
         raise DataError(f"{weights}: trained with --method {recorded}, but --method {flag} was given")
-    return METHODS[recorded or flag or "avc"]
+    return recorded or flag or "avc"
 
 
 def pcm_affinity(model: torch.nn.Module, item: dict, device: torch.device) -> tuple[np.ndarray, tuple[int, int]]:
@@ -173,6 +192,28 @@ def write_seed_outputs(args: argparse.Namespace, num_classes: int, item: dict, c
     return image_id
 
 
+def msa_inference(args: argparse.Namespace, name: str, saved: dict, info, todo: list[str], infer_list: str,
+                  loaded: object, device: torch.device):
+    """The per-batch inference of an MSA checkpoint and its dataset (the full images: MSA resizes
+    them itself, the evaluator's stretch)."""
+    spixel_weights = args.spixel_weights or saved.get("spixel_weights")
+    if not spixel_weights:
+        raise DataError(f"{args.weights}: an MSA checkpoint needs its superpixel FCN: give --spixel_weights")
+    widened = args.widened or bool(saved.get("widened", False))
+    model = load_for_inference(lambda width: MSANet(info.num_classes, width, widened=widened), args.weights,
+                               args.width_mult, device, loaded=loaded)
+    spixel = load_for_inference(SpixelNet, spixel_weights, None, device)
+    logger.info("%s from %s, superpixels from %s", name, args.weights, spixel_weights)
+    dataset = MultiScaleDataset(info, todo, info.load_cls_labels(), scales=(), source=infer_list)
+    sum_at = "image" if name == "msa" else "saliency"
+
+    def infer(items: list[dict]) -> list[tuple[ImageCams, None]]:
+        return [(ImageCams(msa_cam_dict(model, spixel, item["image"], item["label"].numpy(),
+                                        args.scales or MSA_SCALES, device, args.ap_steps, args.ap_threshold,
+                                        sum_at)), None) for item in items]
+    return infer, dataset
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     dist = setup_distributed()
@@ -192,24 +233,28 @@ def main(argv: Sequence[str] | None = None) -> None:
             return
         loaded = read_weights(args.weights)
         saved = saved_args(loaded)
-        method = resolve_method(args.method, saved, args.weights)
-        if (args.out_is_cam or args.out_cam_bg) and method.fusion != "sipe":
+        name = resolve_method(args.method, saved, args.weights)
+        if (args.out_is_cam or args.out_cam_bg) and (name in MSA_METHODS or METHODS[name].fusion != "sipe"):
             raise DataError(f"{args.weights}: --out_is_cam / --out_cam_bg need a SIPE-family checkpoint (a method "
-                            f"with its own background), this is {method.name}")
-        backbone = saved.get("backbone") or method.backbones[0]
-        model = load_for_inference(lambda width: build_network(method, info.num_classes, backbone, width),
-                                   args.weights, args.width_mult, dist.device, loaded=loaded)
-        logger.info("%s (%s) from %s", method.name, backbone, args.weights)
-        dataset = MultiScaleDataset(info, todo, info.load_cls_labels(), scales=args.scales or method.scales,
-                                    source=infer_list)
-        picture_affinity = bool(args.out_vis) and method.fusion == "seam"
+                            f"with its own background), this is {name}")
+        if name in MSA_METHODS:
+            infer, dataset = msa_inference(args, name, saved, info, todo, infer_list, loaded, dist.device)
+        else:
+            method = METHODS[name]
+            backbone = saved.get("backbone") or method.backbones[0]
+            model = load_for_inference(lambda width: build_network(method, info.num_classes, backbone, width),
+                                       args.weights, args.width_mult, dist.device, loaded=loaded)
+            logger.info("%s (%s) from %s", method.name, backbone, args.weights)
+            dataset = MultiScaleDataset(info, todo, info.load_cls_labels(), scales=args.scales or method.scales,
+                                        source=infer_list)
+            picture_affinity = bool(args.out_vis) and method.fusion == "seam"
 
-        def infer(items: list[dict]) -> list[tuple[ImageCams, tuple | None]]:
-            cams = image_cams_many(method, model, [item["views"] for item in items],
-                                   [item["label"].numpy() for item in items],
-                                   [item["image"].shape[:2] for item in items], dist.device, args.seam_cam_norm)
-            return [(image_cams, pcm_affinity(model, item, dist.device) if picture_affinity else None)
-                    for item, image_cams in zip(items, cams)]
+            def infer(items: list[dict]) -> list[tuple[ImageCams, tuple | None]]:
+                cams = image_cams_many(method, model, [item["views"] for item in items],
+                                       [item["label"].numpy() for item in items],
+                                       [item["image"].shape[:2] for item in items], dist.device, args.seam_cam_norm)
+                return [(image_cams, pcm_affinity(model, item, dist.device) if picture_affinity else None)
+                        for item, image_cams in zip(items, cams)]
 
         def finish(item: dict, inferred: tuple[ImageCams, tuple | None]) -> str:
             return write_seed_outputs(args, info.num_classes, item, *inferred)

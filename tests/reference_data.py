@@ -71,3 +71,9 @@ def reference_cam_dict() -> dict[int, np.ndarray]:
     """The CAM dict the reference random walk started from."""
     common = load_reference("rw_common.npz")
     return {int(k): v for k, v in zip(common["cam_keys"], common["cam_values"])}
+
+
+def reference_msa_keys() -> dict:
+    """State-dict names, shapes, aliases and parameter groups of the MSA reference models."""
+    with open(reference_path("msa/msa_keys.json"), encoding="utf-8") as handle:
+        return json.load(handle)

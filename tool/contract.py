@@ -21,6 +21,9 @@ IGNORE_LABEL = 255
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# MSA normalises with these for every dataset (its quirk Q1: the ImageNet branch is never taken).
+MSA_MEAN = (0.471, 0.448, 0.408)
+MSA_STD = (0.234, 0.239, 0.242)
 
 # SEAM's defaults for the two CRF dicts that AffinityNet is trained from.
 LOW_ALPHA = 4.0

@@ -674,7 +674,8 @@ class Trainer:
 def build_trainer(model: nn.Module, num_samples: int, args: argparse.Namespace, dist: DistInfo,
                   loss_names: Sequence[str], *, max_step: int | None = None,
                   group_specs: Sequence[tuple[str, float, bool]] = GROUP_SPECS,
-                  clip_grad_norm: float | None = None) -> tuple[Trainer, EpochBatchSampler]:
+                  clip_grad_norm: float | None = None, optimizer: torch.optim.Optimizer | None = None,
+                  poly_power: float | None = 0.9) -> tuple[Trainer, EpochBatchSampler]:
     """The set-up the three train scripts share, from their common flags.
 
     SGD over SEAM's four parameter groups with the poly schedule, DDP wrapping, the epoch
@@ -684,17 +685,21 @@ def build_trainer(model: nn.Module, num_samples: int, args: argparse.Namespace, 
     model is ``trainer.model``. A folder that already holds a run of this session is refused
     unless ``--resume`` or ``--overwrite`` says what to do with it (see :func:`check_new_run`).
     ``group_specs`` and ``clip_grad_norm``: a seed method's parameter groups and gradient
-    clipping (network.methods).
+    clipping (network.methods). A method with another optimiser passes it as ``optimizer`` (MSA:
+    Nesterov SGD; SpixelFCN: Adam); ``poly_power`` is the poly schedule's power (MSA: 0.5 / 0.9),
+    None keeps the learning rate constant (SpixelFCN).
     """
     start_over = check_new_run(args)
     barrier()  # every rank has looked before rank 0 creates this run's files
-    optimizer = make_sgd(parameter_groups(model, args.lr, args.wt_dec, group_specs), momentum=args.momentum)
+    if optimizer is None:
+        optimizer = make_sgd(parameter_groups(model, args.lr, args.wt_dec, group_specs), momentum=args.momentum)
     model = prepare_model(model, dist)
     sampler = EpochBatchSampler(num_samples, args.batch_size, seed=args.seed,
                                 rank=dist.rank, world_size=dist.world_size)
     if max_step is None:
         max_step = sampler.batches_per_epoch * args.max_epoches
-    scheduler = PolyLR(optimizer, max_step, update_every=getattr(args, "lr_update_every", 1))
+    scheduler = (PolyLR(optimizer, max_step, poly_power, update_every=getattr(args, "lr_update_every", 1))
+                 if poly_power is not None else None)
     trainer = Trainer(model, optimizer, scheduler, dist, max_step=max_step,
                       steps_per_epoch=sampler.batches_per_epoch, loss_names=loss_names,
                       save_dir=args.save_dir, session_name=args.session_name,

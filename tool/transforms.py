@@ -179,9 +179,20 @@ def hsv_jitter(image: np.ndarray, rng: np.random.Generator, hue: int = 10, satur
 
 
 # ------------------------------------------------------------------ normalisation
-def normalize(image: np.ndarray) -> np.ndarray:
-    """uint8 RGB HxWx3 -> float32 ``(x/255 - mean) / std`` with the ImageNet statistics."""
-    return (image.astype(np.float32) / 255.0 - _MEAN) / _STD
+def normalize(image: np.ndarray, mean: tuple[float, ...] | None = None,
+              std: tuple[float, ...] | None = None) -> np.ndarray:
+    """uint8 RGB HxWx3 -> float32 ``(x/255 - mean) / std``; by default the ImageNet statistics
+    (MSA passes its own constants)."""
+    mean_ = _MEAN if mean is None else np.asarray(mean, dtype=np.float32)
+    std_ = _STD if std is None else np.asarray(std, dtype=np.float32)
+    return (image.astype(np.float32) / 255.0 - mean_) / std_
+
+
+def rgb_to_lab_uint8(image: np.ndarray) -> np.ndarray:
+    """OpenCV's 8-bit LAB of a uint8 RGB image (L * 255 / 100, a + 128, b + 128), HxWx3 uint8
+    (the SpixelFCN colour target)."""
+    import cv2  # imported late: only the superpixel data path needs OpenCV
+    return cv2.cvtColor(np.ascontiguousarray(image, dtype=np.uint8), cv2.COLOR_RGB2LAB)
 
 
 def denormalize(image: np.ndarray, truncate: bool = False) -> np.ndarray:
