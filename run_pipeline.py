@@ -3,6 +3,7 @@
     python run_pipeline.py                          # synthetic default dataset, generated first
     python run_pipeline.py --voc12_root VOC2012     # published VOC 2012 configuration
     python run_pipeline.py --coco_root COCO2014     # published COCO 2014 configuration
+    python run_pipeline.py --voc12_root DATA --profile small   # CPU-sized run on your own VOC-layout data
     python run_pipeline.py --from train_aff         # rerun from a stage on
     python run_pipeline.py --only eval_rw           # rerun one stage
     python run_pipeline.py --dry_run                # print every command and stop
@@ -22,8 +23,8 @@ from typing import Sequence
 
 from tool.cli import run_cli
 from tool.fileio import DataError, read_id_list
-from tool.pipeline import (PROFILES, Context, Paths, StageFailed, build_stages, clear_outputs, run_stage,
-                           stage_done)
+from tool.pipeline import (PROFILES, Context, Paths, StageFailed, build_stages, clear_outputs,
+                           profile_for_root, run_stage, stage_done)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -35,7 +36,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="ImageNet ResNet38 weights (ilsvrc-cls_rna-a1_cls1000_ep-0001.params) for "
                              "every training stage; required by the voc12 and coco14 profiles")
     parser.add_argument("--profile", choices=sorted(PROFILES), default=None,
-                        help="configuration (default: synthetic, or voc12/coco14 when a root is given)")
+                        help="configuration (default: synthetic, or voc12/coco14 when a root is given); "
+                             "'small' is the CPU-sized configuration of the synthetic default, on the "
+                             "VOC-layout data of --voc12_root")
     parser.add_argument("--work_dir", default=None, help="intermediate outputs (default: runs/<profile>)")
     parser.add_argument("--results_dir", default="results", help="summary.md, summary.json, index.html")
     order = parser.add_mutually_exclusive_group()
@@ -46,6 +49,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.profile is None:
         args.profile = "voc12" if args.voc12_root else "coco14" if args.coco_root else "synthetic"
     args.work_dir = args.work_dir or os.path.join("runs", args.profile)
+    if PROFILES[args.profile]["dataset"] is None and not args.voc12_root:
+        parser.error(f"the {args.profile} profile runs on your own data: give --voc12_root, a folder in "
+                     "the VOC layout (JPEGImages, SegmentationClass[Aug], ImageSets/Segmentation)")
     if args.profile in ("voc12", "coco14") and not args.weights and not args.dry_run:
         parser.error(f"the {args.profile} profile starts from ImageNet weights: give --weights "
                      "ilsvrc-cls_rna-a1_cls1000_ep-0001.params")
@@ -54,8 +60,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    profile = PROFILES[args.profile]
     data_root = args.voc12_root or args.coco_root or os.path.join(args.work_dir, "data")
+    profile = profile_for_root(args.profile, data_root)
     ctx = Context(args.profile, profile, Paths.under(os.path.abspath(args.work_dir), os.path.abspath(data_root),
                                        os.path.abspath(args.results_dir)),
                   imagenet_weights=args.weights and os.path.abspath(args.weights))

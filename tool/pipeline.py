@@ -20,42 +20,53 @@ from typing import Any, Callable, Mapping, Sequence
 from tool.cam import alpha_for_threshold
 from tool.contract import HIGH_ALPHA, LOW_ALPHA, crf_dir
 from tool.fileio import DataError, atomic_write_text, read_id_list, read_json_if_present
+from voc12.layout import CLASS_NAMES_FILE
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # ----------------------------------------------------------------------------- configuration
-# Flags of each stage per profile. 'synthetic' is the embedded default, sized for a 2-core CPU;
-# 'voc12' and 'coco14' are the published configurations (DESIGN.md), for a GPU machine.
+# Flags of each stage per profile. 'small' is the CPU-sized configuration (2 cores, one thread a
+# stage), for any small dataset in the VOC layout given with --voc12_root; 'synthetic', the
+# embedded default, is the same configuration on the generated dataset. 'voc12' and 'coco14' are
+# the published configurations (DESIGN.md), for a GPU machine.
+SMALL_PROFILE: dict[str, Any] = {
+    # None: the dataset type follows the root (see dataset_for_root).
+    "dataset": None,
+    "train_list": "train", "eval_list": "train", "val_list": "val",
+    # No ImageNet weights here: the classifier trains from scratch, and AffinityNet and DeepLab
+    # start from its backbone (trained on the same images).
+    "backbone_from_avc": True,
+    # One compute thread a stage: on 2 shared cores, 2 torch threads beside the data workers thrash.
+    "torch_threads": 1,
+    "width_mult": 0.125, "num_workers": 1, "sample_images": 8,
+    # Dropping whole channels of an 8..512-channel network stalls learning from scratch; the second
+    # view is 0.5 (not 0.3) of a 112-pixel crop so its CAM grid is not a handful of cells.
+    "train_avc": {"batch_size": 8, "max_epoches": 25, "lr": 0.02, "momentum": 0.9, "crop_size": 112,
+                  "resize_long": (112, 144), "flags": ("--view_scale", "0.5", "--no-dropout")},
+    "infer_seed": {"scales": (0.5, 1.0, 1.5, 2.0)},
+    "train_aff": {"batch_size": 8, "max_epoches": 8, "lr": 0.02, "momentum": 0.9, "crop_size": 112},
+    # Background exponent of the random walk: the one that reproduces the best seed threshold.
+    # The walk runs 2^logt steps; VOC's logt 8 is for a 56 x 56 grid, this 14 x 14 grid has a
+    # sixteenth of the pixels, so 2^4 steps spread as far (logt 6 and 8 blur objects into each
+    # other). SEAM's --crf (one mean-field step) then snaps the walk to the image edges.
+    "infer_aff": {"alpha_from_threshold": True, "beta": 8, "logt": 4, "flags": ("--crf",)},
+    # BN momentum 0.1, not DeepLab's 0.0003: a short run must move the new heads' statistics.
+    # lr is the published 0.001: at 0.01 the head collapses to all-background.
+    "train_deeplab": {"batch_size": 8, "max_iters": 500, "lr": 0.001, "crop_size": 112,
+                      "flags": ("--bn_momentum", "0.1")},
+    # One scale: on 112-pixel images the 0.75 view's 11 x 11 grid costs more than fusion gains
+    # (measured on val: 1.0 alone 27.6, 0.75/1.0/1.25 24.7, both with the CRF).
+    "test_deeplab": {"scales": (1.0,)},
+    # DeepLab trained with the same recipe on the ground truth: the fully supervised bound of the table.
+    "deeplab_on_gt": True,
+}
 PROFILES: dict[str, dict[str, Any]] = {
+    "small": SMALL_PROFILE,
     "synthetic": {
+        **SMALL_PROFILE,
         "dataset": "synthetic",
         "synthetic": {"num_train": 200, "num_val": 50, "image_size": 112, "num_classes": 6, "seed": 0},
-        "train_list": "train", "eval_list": "train", "val_list": "val",
-        # No ImageNet weights here: the classifier trains from scratch, and AffinityNet and DeepLab
-        # start from its backbone (trained on the same images).
-        "backbone_from_avc": True,
-        # One compute thread a stage: on 2 shared cores, 2 torch threads beside the data workers thrash.
-        "torch_threads": 1,
-        "width_mult": 0.125, "num_workers": 1, "sample_images": 8,
-        # Dropping whole channels of an 8..512-channel network stalls learning from scratch; the second
-        # view is 0.5 (not 0.3) of a 112-pixel crop so its CAM grid is not a handful of cells.
-        "train_avc": {"batch_size": 8, "max_epoches": 25, "lr": 0.02, "momentum": 0.9, "crop_size": 112,
-                      "resize_long": (112, 144), "flags": ("--view_scale", "0.5", "--no-dropout")},
-        "infer_seed": {"scales": (0.5, 1.0, 1.5, 2.0)},
-        "train_aff": {"batch_size": 8, "max_epoches": 8, "lr": 0.02, "momentum": 0.9, "crop_size": 112},
-        # Background exponent of the random walk: the one that reproduces the best seed threshold.
-        # The walk runs 2^logt steps; VOC's logt 8 is for a 56 x 56 grid, this 14 x 14 grid has a
-        # sixteenth of the pixels, so 2^4 steps spread as far (logt 6 and 8 blur objects into each
-        # other). SEAM's --crf (one mean-field step) then snaps the walk to the image edges.
-        "infer_aff": {"alpha_from_threshold": True, "beta": 8, "logt": 4, "flags": ("--crf",)},
-        # BN momentum 0.1, not DeepLab's 0.0003: a short run must move the new heads' statistics.
-        # lr is the published 0.001: at 0.01 the head collapses to all-background.
-        "train_deeplab": {"batch_size": 8, "max_iters": 500, "lr": 0.001, "crop_size": 112,
-                          "flags": ("--bn_momentum", "0.1")},
-        # One scale: on 112-pixel images the 0.75 view's 11 x 11 grid costs more than fusion gains
-        # (measured on val: 1.0 alone 27.6, 0.75/1.0/1.25 24.7, both with the CRF).
-        "test_deeplab": {"scales": (1.0,)},
     },
     "voc12": {
         "dataset": "voc12",
@@ -70,6 +81,8 @@ PROFILES: dict[str, dict[str, Any]] = {
         "infer_aff": {"alpha": 6.0, "beta": 8, "logt": 8},
         "train_deeplab": {"batch_size": 10, "max_iters": 20000, "lr": 0.001, "crop_size": 448},
         "test_deeplab": {"scales": (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)},
+        # A second 20k-iteration DeepLab run on the ground truth would double the GPU time.
+        "deeplab_on_gt": False,
     },
 }
 PROFILES["coco14"] = {**PROFILES["voc12"], "dataset": "coco14", "train_list": "train", "eval_list": "train"}
@@ -86,6 +99,20 @@ PROFILES["tiny"] = {
 }
 
 
+
+def profile_for_root(name: str, data_root: str) -> dict[str, Any]:
+    """The profile ``name`` with its dataset type settled for ``data_root``.
+
+    The small profile runs on any VOC-layout root: one with its own ``class_names.txt``
+    (background first, as the generator writes it) is read with those classes (the registry's
+    'synthetic' entry), one without with the 20 VOC classes.
+    """
+    profile = dict(PROFILES[name])
+    if profile["dataset"] is None:
+        has_names = os.path.isfile(os.path.join(data_root, CLASS_NAMES_FILE))
+        profile["dataset"] = "synthetic" if has_names else "voc12"
+    return profile
+
 @dataclass(frozen=True)
 class Paths:
     """Where every stage of one run reads and writes."""
@@ -101,6 +128,7 @@ class Paths:
     crf_masks: str
     rw_masks: str
     deeplab_val: str
+    deeplab_gt_val: str  # predictions of the DeepLab trained on the ground truth
     deeplab_samples: str
     eval: str           # one JSON of results per evaluation
     stages: str         # one marker per finished stage
@@ -114,6 +142,7 @@ class Paths:
                    checkpoints=sub("checkpoints"), cam=sub("seed/cam"), seed_png=sub("seed/seed_png"),
                    crf=sub("seed/crf"), seed_curve=sub("eval/seed_curve"), crf_masks=sub("masks/crf"),
                    rw_masks=sub("masks/rw"), deeplab_val=sub("deeplab/val"),
+                   deeplab_gt_val=sub("deeplab_gt/val"),
                    deeplab_samples=sub("deeplab/samples"), eval=sub("eval"), stages=sub("stages"),
                    lists=sub("lists"))
 
@@ -222,8 +251,26 @@ def build_stages(ctx: Context) -> list[Stage]:
         return ["evaluation.py", "--list", image_list, "--predict_dir", predict_dir, *dataset_flags(ctx),
                 "--num_workers", workers, "--comment", name, "--out_json", ctx.eval_json(name), *extra]
 
+    def deeplab_stages(session: str, label_flags: list[str], val_dir: str, trained_on: str) -> list[Stage]:
+        """Train DeepLab (labels: ``label_flags``, none = ground truth), predict val, evaluate."""
+        weights = os.path.join(p.checkpoints, f"{session}.pth")
+        return [
+            Stage(f"train_{session}", lambda c: [
+                "train_deeplab.py", *dataset_flags(c), "--train_list", train_list, *label_flags,
+                "--session_name", session, *_strings(training_flags(c, "train_deeplab")),
+                "--max_iters", str(profile["train_deeplab"]["max_iters"])],
+                f"DeepLabV1 on {trained_on}", checkpoint_files(session)),
+            Stage(f"test_{session}", lambda c: [
+                "test_deeplab.py", *dataset_flags(c), "--weights", weights, "--infer_list", val_list,
+                "--out_dir", val_dir, "--scales", *_strings(profile["test_deeplab"]["scales"]),
+                "--num_workers", workers],
+                f"predictions on val of DeepLab trained on {trained_on}", (val_dir,)),
+            Stage(f"eval_{session}", lambda c: evaluate(session, val_dir, val_list, "--type", "png"),
+                  f"val mIoU of DeepLab trained on {trained_on}"),
+        ]
+
     stages = []
-    if profile["dataset"] == "synthetic":
+    if "synthetic" in profile:  # the embedded default generates its data; 'small' reads the user's
         synthetic = profile["synthetic"]
         stages.append(Stage("generate", lambda c: [
             "-m", "voc12.synthetic", "--out", p.data_root, *(f"--{k}={v}" for k, v in synthetic.items())],
@@ -265,24 +312,16 @@ def build_stages(ctx: Context) -> list[Stage]:
             "random-walk pseudo masks", (p.rw_masks,)),
         Stage("eval_rw", lambda c: evaluate("rw", p.rw_masks, eval_list, "--type", "png"),
               "random-walk mask mIoU"),
-        Stage("train_deeplab", lambda c: [
-            "train_deeplab.py", *dataset_flags(c), "--train_list", train_list, "--pseudo_dir", p.rw_masks,
-            "--session_name", "deeplab", *_strings(training_flags(c, "train_deeplab")),
-            "--max_iters", str(profile["train_deeplab"]["max_iters"])],
-            "DeepLabV1 on the random-walk masks", checkpoint_files("deeplab")),
-        Stage("test_deeplab", lambda c: [
-            "test_deeplab.py", *dataset_flags(c), "--weights", deeplab_weights, "--infer_list", val_list,
-            "--out_dir", p.deeplab_val, "--scales", *_strings(profile["test_deeplab"]["scales"]),
-            "--num_workers", workers],
-            "DeepLab predictions on val", (p.deeplab_val,)),
-        Stage("eval_deeplab", lambda c: evaluate("deeplab", p.deeplab_val, val_list, "--type", "png"),
-              "DeepLab val mIoU"),
+        *deeplab_stages("deeplab", ["--pseudo_dir", p.rw_masks], p.deeplab_val, "the random-walk masks"),
         Stage("test_deeplab_samples", lambda c: [
             "test_deeplab.py", *dataset_flags(c), "--weights", deeplab_weights, "--infer_list",
             write_samples_list(c, samples_list), "--out_dir", p.deeplab_samples,
             "--scales", *_strings(profile["test_deeplab"]["scales"]), "--num_workers", workers],
             "DeepLab predictions on the sample images of the results page", (p.deeplab_samples,)),
     ]
+    if profile.get("deeplab_on_gt"):
+        # The same recipe on the ground truth of the same images: the fully supervised bound.
+        stages += deeplab_stages("deeplab_gt", [], p.deeplab_gt_val, "the ground-truth masks")
     return stages
 
 

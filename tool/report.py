@@ -24,7 +24,10 @@ from tool.vis import cam_overlay, label_overlay
 
 # (row label, evaluation JSON name, split it was measured on)
 TABLE_ROWS = (("Seed", "seed", "train"), ("+CRF", "crf", "train"),
-              ("Mask (random walk)", "rw", "train"), ("DeepLabV1", "deeplab", "val"))
+              ("Mask (random walk)", "rw", "train"), ("DeepLabV1", "deeplab", "val"),
+              ("DeepLab on ground truth", "deeplab_gt", "val"))
+# The last row: DeepLab on the pseudo masks as a percentage of DeepLab on the ground truth.
+RATIO_ROW = ("DeepLab pseudo / ground truth", "DeepLabV1", "DeepLab on ground truth")
 PAGE_COLUMNS = ("image", "ground truth", "CAM", "seed", "CRF", "random walk", "DeepLab")
 
 
@@ -49,21 +52,35 @@ def collect_results(eval_dir: str, seed_curve_json: str, stage_markers: Sequence
             miou, threshold = (results["miou_percent"] if results else None), None
         rows.append({"row": label, "split": eval_split_names.get(split, split), "miou": miou,
                      "bg_threshold": threshold})
+    rows.append(ratio_row(rows))
     return {"profile": profile_name, "date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine_description(),
             "rows": rows, "stages": [{"stage": m["stage"], "seconds": m["seconds"], "command": m["command"]}
                                      for m in stage_markers],
             "total_seconds": round(sum(m["seconds"] for m in stage_markers), 1)}
 
 
-def _format_miou(miou: float | None) -> str:
-    return "-" if miou is None else f"{miou:.1f}"
+def ratio_row(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The row ``RATIO_ROW``: ``ratio_percent`` = 100 x pseudo / ground truth (None if either is missing)."""
+    label, pseudo_row, gt_row = RATIO_ROW
+    by_label = {row["row"]: row for row in rows}
+    pseudo, gt = by_label[pseudo_row]["miou"], by_label[gt_row]["miou"]
+    ratio = None if pseudo is None or not gt else 100.0 * pseudo / gt
+    return {"row": label, "split": by_label[gt_row]["split"], "miou": None, "ratio_percent": ratio,
+            "bg_threshold": None}
+
+
+def _format_value(row: Mapping[str, Any]) -> str:
+    """The mIoU cell of a row; the ratio row shows its percentage of the ground-truth bound."""
+    if "ratio_percent" in row:
+        return "-" if row["ratio_percent"] is None else f"{row['ratio_percent']:.1f} % (ratio)"
+    return "-" if row["miou"] is None else f"{row['miou']:.1f}"
 
 
 def format_summary(summary: Mapping[str, Any]) -> str:
     lines = [f"# Results ({summary['profile']}, {summary['date']})", "", f"Machine: {summary['machine']}", "",
              "| | split | mIoU (%) | background threshold |", "|---|---|---|---|"]
     for row in summary["rows"]:
-        miou = _format_miou(row["miou"])
+        miou = _format_value(row)
         threshold = "" if row["bg_threshold"] is None else f"{row['bg_threshold']:.2f}"
         lines.append(f"| {row['row']} | {row['split']} | {miou} | {threshold} |")
     lines += ["", "| stage | wall time (s) |", "|---|---|"]
@@ -120,7 +137,7 @@ def write_page(results_dir: str, info: DatasetInfo, sample_ids: Sequence[str], c
     if curve_png and os.path.isfile(curve_png):
         shutil.copyfile(curve_png, os.path.join(results_dir, "seed_curve.png"))
     table = "".join(f"<tr><td>{html.escape(row['row'])}</td><td>{html.escape(row['split'])}</td>"
-                    f"<td>{_format_miou(row['miou'])}</td></tr>" for row in summary["rows"])
+                    f"<td>{html.escape(_format_value(row))}</td></tr>" for row in summary["rows"])
     header = "".join(f"<th>{html.escape(column)}</th>" for column in PAGE_COLUMNS)
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>AVC pipeline results</title>
