@@ -5,6 +5,7 @@
     python run_pipeline.py --method all --until eval_seed   # every method on the same data: comparison.md
     python run_pipeline.py --voc12_root VOC2012     # published VOC 2012 configuration
     python run_pipeline.py --coco_root COCO2014     # published COCO 2014 configuration
+    python run_pipeline.py --voc12_root DATA --profile small   # CPU-sized run on your own VOC-layout data
     python run_pipeline.py --from train_aff         # rerun from a stage on
     python run_pipeline.py --only eval_rw           # rerun one stage
     python run_pipeline.py --dry_run                # print every command and stop
@@ -29,7 +30,8 @@ from typing import Sequence
 from network.segmenters import ALIASES, SEGMENTERS, get_segmenter
 from tool.cli import run_cli
 from tool.fileio import DataError, atomic_write_text, read_id_list, read_json_if_present
-from tool.pipeline import PROFILES, REFINEMENTS, Context, Paths, build_stages, run_stages, stage_done, stale_stages
+from tool.pipeline import (PROFILES, REFINEMENTS, Context, Paths, build_stages, profile_for_root, run_stages,
+                           stage_done, stale_stages)
 
 
 SUMMARY_FILES = ("summary.md", "summary.json", "index.html")
@@ -65,7 +67,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="ImageNet ResNet-50 (resnet50-19c8e357.pth) for IRN's frozen backbone; without it "
                              "(synthetic) the backbone stays random")
     parser.add_argument("--profile", choices=sorted(PROFILES), default=None,
-                        help="configuration (default: synthetic, or voc12/coco14 when a root is given)")
+                        help="configuration (default: synthetic, or voc12/coco14 when a root is given); "
+                             "'small' is the CPU-sized configuration of the synthetic default, on the "
+                             "VOC-layout data of --voc12_root")
     parser.add_argument("--work_dir", default=None, help="intermediate outputs (default: runs/<profile>)")
     parser.add_argument("--results_dir", default="results", help="summary.md, summary.json, index.html")
     order = parser.add_mutually_exclusive_group()
@@ -76,6 +80,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.profile is None:
         args.profile = "voc12" if args.voc12_root else "coco14" if args.coco_root else "synthetic"
     args.work_dir = args.work_dir or os.path.join("runs", args.profile)
+    if PROFILES[args.profile]["dataset"] is None and not args.voc12_root:
+        parser.error(f"the {args.profile} profile runs on your own data: give --voc12_root, a folder in "
+                     "the VOC layout (JPEGImages, SegmentationClass[Aug], ImageSets/Segmentation)")
     if args.profile in ("voc12", "coco14") and not args.weights and not args.dry_run:
         parser.error(f"the {args.profile} profile starts from ImageNet weights: give --weights "
                      "ilsvrc-cls_rna-a1_cls1000_ep-0001.params")
@@ -135,13 +142,13 @@ def write_comparison(results_dir: str, methods: Sequence[str]) -> str:
 def run_method(args: argparse.Namespace, method: str, work_dir: str, results_dir: str,
                data_root: str | None = None) -> int:
     """The stages of one seed method; 0 on success."""
-    profile = dict(PROFILES[args.profile])
+    data_root = data_root or args.voc12_root or args.coco_root or os.path.join(work_dir, "data")
+    profile = profile_for_root(args.profile, data_root)
     # SIPE / AE-SIPE refine with IRN, reading their own background (the published workflow).
     refine = args.refine or ("irn" if method in OWN_BACKGROUND_METHODS else "affinitynet")
     if args.seed_epochs:
         for section in ("train_avc", "train_sipe"):
             profile[section] = {**profile[section], "max_epoches": args.seed_epochs}
-    data_root = data_root or args.voc12_root or args.coco_root or os.path.join(work_dir, "data")
     ctx = Context(args.profile, profile, Paths.under(os.path.abspath(work_dir), os.path.abspath(data_root),
                                        os.path.abspath(results_dir)),
                   imagenet_weights=args.weights and os.path.abspath(args.weights), method=method,

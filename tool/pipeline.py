@@ -22,57 +22,68 @@ from typing import Any, Callable, Mapping, Sequence
 from tool.cam import alpha_for_threshold
 from tool.contract import HIGH_ALPHA, LOW_ALPHA, crf_dir
 from tool.fileio import DataError, atomic_write_text, read_id_list, read_json_if_present
+from voc12.layout import CLASS_NAMES_FILE
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # ----------------------------------------------------------------------------- configuration
-# Flags of each stage per profile. 'synthetic' is the embedded default, sized for a 2-core CPU;
-# 'voc12' and 'coco14' are the published configurations (DESIGN.md), for a GPU machine.
+# Flags of each stage per profile. 'small' is the CPU-sized configuration (2 cores, one thread a
+# stage), for any small dataset in the VOC layout given with --voc12_root; 'synthetic', the
+# embedded default, is the same configuration on the generated dataset. 'voc12' and 'coco14' are
+# the published configurations (DESIGN.md), for a GPU machine.
+SMALL_PROFILE: dict[str, Any] = {
+    # None: the dataset type follows the root (see profile_for_root).
+    "dataset": None,
+    "train_list": "train", "eval_list": "train", "val_list": "val",
+    # No ImageNet weights here: the classifier trains from scratch, and AffinityNet and DeepLab
+    # start from its backbone (trained on the same images).
+    "backbone_from_avc": True,
+    # One compute thread a training stage: on 2 shared cores, 2 torch threads beside the data workers
+    # thrash. The inference stages (PARALLEL_STAGES) keep one image in flight per core instead.
+    "torch_threads": 1,
+    "width_mult": 0.125, "num_workers": 1, "sample_images": 8,
+    # Dropping whole channels of an 8..512-channel network stalls learning from scratch; the second
+    # view is 0.5 (not 0.3) of a 112-pixel crop so its CAM grid is not a handful of cells.
+    "train_avc": {"batch_size": 8, "max_epoches": 25, "lr": 0.02, "momentum": 0.9, "crop_size": 112,
+                  "resize_long": (112, 144), "flags": ("--view_scale", "0.5", "--no-dropout")},
+    "infer_seed": {"scales": (0.5, 1.0, 1.5, 2.0)},
+    # SIPE / AE-SIPE (--method sipe|ae_sipe): from scratch at this width the reference's lr 0.1 with
+    # momentum 1e-4 does not learn; SGD momentum 0.9 at lr 0.02 as for AVC. SIPE's scales.
+    "train_sipe": {"batch_size": 8, "max_epoches": 25, "lr": 0.02, "momentum": 0.9, "crop_size": 112,
+                   "resize_long": (112, 144)},
+    "infer_sipe": {"scales": (1.0, 0.5, 1.5, 2.0)},
+    "train_aff": {"batch_size": 8, "max_epoches": 8, "lr": 0.02, "momentum": 0.9, "crop_size": 112},
+    # Background exponent of the random walk: the one that reproduces the best seed threshold.
+    # The walk runs 2^logt steps; VOC's logt 8 is for a 56 x 56 grid, this 14 x 14 grid has a
+    # sixteenth of the pixels, so 2^4 steps spread as far (logt 6 and 8 blur objects into each
+    # other). SEAM's --crf (one mean-field step) then snaps the walk to the image edges.
+    "infer_aff": {"alpha_from_threshold": True, "beta": 8, "logt": 4, "flags": ("--crf",)},
+    # IRN: its backbone is ResNet-50 (AVC's ResNet38 cannot start it), so without ImageNet weights it
+    # stays random and frozen, as the reference freezes it. 2^8 steps on VOC's ~94 x 125 grid; this
+    # 28 x 28 grid has 1/15 of the nodes, so 2^4 steps spread as far (the infer_aff reasoning).
+    "train_irn": {"batch_size": 8, "max_epoches": 3, "lr": 0.1, "momentum": 1e-4, "crop_size": 112},
+    "make_seg_labels": {"beta": 10, "logt": 4, "crop_size": 112},
+    # BN momentum 0.1, not DeepLab's 0.0003: a short run must move the new heads' statistics.
+    # lr is the published 0.001: at 0.01 the head collapses to all-background.
+    "train_deeplab": {"batch_size": 8, "max_iters": 500, "lr": 0.001, "crop_size": 112,
+                      "flags": ("--bn_momentum", "0.1")},
+    # DeepLabV2 (--segmenter deeplabv2_resnet101) from scratch at width 0.125: batch 2 x 2, lr
+    # 0.002 (at 0.01 the summed ASPP logits blow up), BatchNorm trains (momentum 0.1).
+    "train_deeplabv2": {"batch_size": 4, "iter_size": 2, "max_iters": 200, "lr": 0.002, "crop_size": 112},
+    # One scale: on 112-pixel images the 0.75 view's 11 x 11 grid costs more than fusion gains
+    # (measured on val: 1.0 alone 27.6, 0.75/1.0/1.25 24.7, both with the CRF).
+    "test_deeplab": {"scales": (1.0,)},
+    "test_deeplabv2": {"scales": (1.0,)},
+    # DeepLab trained with the same recipe on the ground truth: the fully supervised bound of the table.
+    "deeplab_on_gt": True,
+}
 PROFILES: dict[str, dict[str, Any]] = {
+    "small": SMALL_PROFILE,
     "synthetic": {
+        **SMALL_PROFILE,
         "dataset": "synthetic",
         "synthetic": {"num_train": 200, "num_val": 50, "image_size": 112, "num_classes": 6, "seed": 0},
-        "train_list": "train", "eval_list": "train", "val_list": "val",
-        # No ImageNet weights here: the classifier trains from scratch, and AffinityNet and DeepLab
-        # start from its backbone (trained on the same images).
-        "backbone_from_avc": True,
-        # One compute thread a training stage: on 2 shared cores, 2 torch threads beside the data workers
-        # thrash. The inference stages (PARALLEL_STAGES) keep one image in flight per core instead.
-        "torch_threads": 1,
-        "width_mult": 0.125, "num_workers": 1, "sample_images": 8,
-        # Dropping whole channels of an 8..512-channel network stalls learning from scratch; the second
-        # view is 0.5 (not 0.3) of a 112-pixel crop so its CAM grid is not a handful of cells.
-        "train_avc": {"batch_size": 8, "max_epoches": 25, "lr": 0.02, "momentum": 0.9, "crop_size": 112,
-                      "resize_long": (112, 144), "flags": ("--view_scale", "0.5", "--no-dropout")},
-        "infer_seed": {"scales": (0.5, 1.0, 1.5, 2.0)},
-        # SIPE / AE-SIPE (--method sipe|ae_sipe): from scratch at this width the reference's lr 0.1 with
-        # momentum 1e-4 does not learn; SGD momentum 0.9 at lr 0.02 as for AVC. SIPE's scales.
-        "train_sipe": {"batch_size": 8, "max_epoches": 25, "lr": 0.02, "momentum": 0.9, "crop_size": 112,
-                       "resize_long": (112, 144)},
-        "infer_sipe": {"scales": (1.0, 0.5, 1.5, 2.0)},
-        "train_aff": {"batch_size": 8, "max_epoches": 8, "lr": 0.02, "momentum": 0.9, "crop_size": 112},
-        # Background exponent of the random walk: the one that reproduces the best seed threshold.
-        # The walk runs 2^logt steps; VOC's logt 8 is for a 56 x 56 grid, this 14 x 14 grid has a
-        # sixteenth of the pixels, so 2^4 steps spread as far (logt 6 and 8 blur objects into each
-        # other). SEAM's --crf (one mean-field step) then snaps the walk to the image edges.
-        "infer_aff": {"alpha_from_threshold": True, "beta": 8, "logt": 4, "flags": ("--crf",)},
-        # IRN: its backbone is ResNet-50 (AVC's ResNet38 cannot start it), so without ImageNet weights it
-        # stays random and frozen, as the reference freezes it. 2^8 steps on VOC's ~94 x 125 grid; this
-        # 28 x 28 grid has 1/15 of the nodes, so 2^4 steps spread as far (the infer_aff reasoning).
-        "train_irn": {"batch_size": 8, "max_epoches": 3, "lr": 0.1, "momentum": 1e-4, "crop_size": 112},
-        "make_seg_labels": {"beta": 10, "logt": 4, "crop_size": 112},
-        # BN momentum 0.1, not DeepLab's 0.0003: a short run must move the new heads' statistics.
-        # lr is the published 0.001: at 0.01 the head collapses to all-background.
-        "train_deeplab": {"batch_size": 8, "max_iters": 500, "lr": 0.001, "crop_size": 112,
-                          "flags": ("--bn_momentum", "0.1")},
-        # DeepLabV2 (--segmenter deeplabv2_resnet101) from scratch at width 0.125: batch 2 x 2, lr
-        # 0.002 (at 0.01 the summed ASPP logits blow up), BatchNorm trains (momentum 0.1).
-        "train_deeplabv2": {"batch_size": 4, "iter_size": 2, "max_iters": 200, "lr": 0.002, "crop_size": 112},
-        # One scale: on 112-pixel images the 0.75 view's 11 x 11 grid costs more than fusion gains
-        # (measured on val: 1.0 alone 27.6, 0.75/1.0/1.25 24.7, both with the CRF).
-        "test_deeplab": {"scales": (1.0,)},
-        "test_deeplabv2": {"scales": (1.0,)},
     },
     "voc12": {
         "dataset": "voc12",
@@ -96,6 +107,8 @@ PROFILES: dict[str, dict[str, Any]] = {
         # The published DeepLabV2 schedule (its MSC 1, 0.5, 0.75 runs inside the network).
         "train_deeplabv2": {"batch_size": 10, "iter_size": 2, "max_iters": 20000, "lr": 2.5e-4, "crop_size": 321},
         "test_deeplabv2": {"scales": (1.0,)},
+        # A second 20k-iteration DeepLab run on the ground truth would double the GPU time.
+        "deeplab_on_gt": False,
     },
 }
 PROFILES["coco14"] = {**PROFILES["voc12"], "dataset": "coco14", "train_list": "train", "eval_list": "train"}
@@ -119,12 +132,26 @@ PROFILES["tiny"] = {
 
 # Stages that spread their images over the cores themselves (tool/parallel.py: workers and torch
 # threads from os.sched_getaffinity), so the profile's torch_threads does not apply to them.
-PARALLEL_STAGES = frozenset({"infer_seed", "refine_mask", "infer_aff", "test_deeplab", "test_deeplab_samples"})
+PARALLEL_STAGES = frozenset({"infer_seed", "refine_mask", "infer_aff", "test_deeplab", "test_deeplab_samples",
+                             "test_deeplab_gt"})
 
 # How the seeds become DeepLab's pseudo masks: the CRF masks, AffinityNet's random walk, or IRN's
 # boundary random walk (SIPE / AE-SIPE).
 REFINEMENTS = ("crf", "affinitynet", "irn")
 
+
+def profile_for_root(name: str, data_root: str) -> dict[str, Any]:
+    """The profile ``name`` with its dataset type settled for ``data_root``.
+
+    The small profile runs on any VOC-layout root: one with its own ``class_names.txt``
+    (background first, as the generator writes it) is read with those classes (the registry's
+    'synthetic' entry), one without with the 20 VOC classes.
+    """
+    profile = dict(PROFILES[name])
+    if profile["dataset"] is None:
+        has_names = os.path.isfile(os.path.join(data_root, CLASS_NAMES_FILE))
+        profile["dataset"] = "synthetic" if has_names else "voc12"
+    return profile
 
 @dataclass(frozen=True)
 class Paths:
@@ -144,6 +171,7 @@ class Paths:
     ir_labels: str      # IRN's confident regions
     irn_masks: str
     deeplab_val: str
+    deeplab_gt_val: str  # predictions of the DeepLab trained on the ground truth
     deeplab_samples: str
     eval: str           # one JSON of results per evaluation
     stages: str         # one marker per finished stage
@@ -157,7 +185,7 @@ class Paths:
                    checkpoints=sub("checkpoints"), cam=sub("seed/cam"), cam_bg=sub("seed/cam_bg"), seed_png=sub("seed/seed_png"),
                    crf=sub("seed/crf"), seed_curve=sub("eval/seed_curve"), crf_masks=sub("masks/crf"),
                    rw_masks=sub("masks/rw"), ir_labels=sub("masks/ir_label"), irn_masks=sub("masks/irn"),
-                   deeplab_val=sub("deeplab/val"),
+                   deeplab_val=sub("deeplab/val"), deeplab_gt_val=sub("deeplab_gt/val"),
                    deeplab_samples=sub("deeplab/samples"), eval=sub("eval"), stages=sub("stages"),
                    lists=sub("lists"))
 
@@ -329,8 +357,28 @@ def build_stages(ctx: Context) -> list[Stage]:
         return ["evaluation.py", "--list", image_list, "--predict_dir", predict_dir, *dataset_flags(ctx),
                 "--num_workers", workers, "--comment", name, "--out_json", ctx.eval_json(name), *extra]
 
+    def deeplab_stages(name: str, session: str, label_flags: list[str], val_dir: str,
+                       trained_on: str) -> list[Stage]:
+        """Train the run's segmenter (labels: ``label_flags``, none = ground truth) as checkpoint
+        ``session``, predict val, evaluate into ``<name>.json``; stages ``train_<name>`` ..."""
+        weights = os.path.join(p.checkpoints, f"{session}.pth")
+        return [
+            Stage(f"train_{name}", lambda c: [
+                "train_deeplab.py", *dataset_flags(c), "--arch", c.segmenter, "--train_list", train_list,
+                *label_flags, "--session_name", session, *_strings(training_flags(c, train_settings)),
+                "--max_iters", str(profile[train_settings]["max_iters"])],
+                f"{ctx.segmenter_title} on {trained_on}", checkpoint_files(session)),
+            Stage(f"test_{name}", lambda c: [
+                "test_deeplab.py", *dataset_flags(c), "--weights", weights, "--infer_list", val_list,
+                "--out_dir", val_dir, "--scales", *_strings(profile[test_settings]["scales"]),
+                "--num_workers", workers],
+                f"predictions on val of DeepLab trained on {trained_on}", (val_dir,)),
+            Stage(f"eval_{name}", lambda c: evaluate(name, val_dir, val_list, "--type", "png"),
+                  f"val mIoU of DeepLab trained on {trained_on}", (ctx.eval_json(name),)),
+        ]
+
     stages = []
-    if profile["dataset"] == "synthetic":
+    if "synthetic" in profile:  # the embedded default generates its data; 'small' reads the user's
         synthetic = profile["synthetic"]
         stages.append(Stage("generate", lambda c: [
             "-m", "voc12.synthetic", "--out", p.data_root, *(f"--{k}={v}" for k, v in synthetic.items())],
@@ -399,25 +447,19 @@ def build_stages(ctx: Context) -> list[Stage]:
               (ctx.eval_json("irn"),)),
     ]
     stages += {"crf": [], "affinitynet": affinitynet, "irn": irn}[ctx.refine]
+    stages += deeplab_stages("deeplab", ctx.deeplab_session, ["--pseudo_dir", pseudo_dir], p.deeplab_val,
+                             f"the {ctx.refine} pseudo masks")
     stages += [
-        Stage("train_deeplab", lambda c: [
-            "train_deeplab.py", *dataset_flags(c), "--arch", c.segmenter, "--train_list", train_list,
-            "--pseudo_dir", pseudo_dir, "--session_name", c.deeplab_session,
-            *_strings(training_flags(c, train_settings)), "--max_iters", str(profile[train_settings]["max_iters"])],
-            f"{ctx.segmenter_title} on the {ctx.refine} pseudo masks", checkpoint_files(ctx.deeplab_session)),
-        Stage("test_deeplab", lambda c: [
-            "test_deeplab.py", *dataset_flags(c), "--weights", deeplab_weights, "--infer_list", val_list,
-            "--out_dir", p.deeplab_val, "--scales", *_strings(profile[test_settings]["scales"]),
-            "--num_workers", workers],
-            "DeepLab predictions on val", (p.deeplab_val,)),
-        Stage("eval_deeplab", lambda c: evaluate("deeplab", p.deeplab_val, val_list, "--type", "png"),
-              "DeepLab val mIoU", (ctx.eval_json("deeplab"),)),
         Stage("test_deeplab_samples", lambda c: [
             "test_deeplab.py", *dataset_flags(c), "--weights", deeplab_weights, "--infer_list",
             write_samples_list(c, samples_list), "--out_dir", p.deeplab_samples,
             "--scales", *_strings(profile[test_settings]["scales"]), "--num_workers", workers],
             "DeepLab predictions on the sample images of the results page", (p.deeplab_samples,)),
     ]
+    if profile.get("deeplab_on_gt"):
+        # The same recipe on the ground truth of the same images: the fully supervised bound.
+        stages += deeplab_stages("deeplab_gt", f"{ctx.deeplab_session}_gt", [], p.deeplab_gt_val,
+                                 "the ground-truth masks")
     return stages
 
 

@@ -24,9 +24,13 @@ from tool.vis import cam_overlay, label_overlay
 
 # (row label, evaluation JSON name, split it was measured on)
 TABLE_ROWS = (("Seed", "seed", "train"), ("+CRF", "crf", "train"),
-              ("Mask (random walk)", "rw", "train"), ("Mask (IRN)", "irn", "train"), ("DeepLabV1", "deeplab", "val"))
-# Rows of the refinements a run may not have chosen: left out when they have no result.
-OPTIONAL_ROWS = ("rw", "irn")
+              ("Mask (random walk)", "rw", "train"), ("Mask (IRN)", "irn", "train"), ("DeepLabV1", "deeplab", "val"),
+              ("DeepLab on ground truth", "deeplab_gt", "val"))
+# Rows of the refinements (and the ground-truth bound) a run may not have: left out when they have no result.
+OPTIONAL_ROWS = ("rw", "irn", "deeplab_gt")
+# The last row: DeepLab on the pseudo masks as a percentage of DeepLab on the ground truth
+# (label, evaluation names of the two rows).
+RATIO_ROW = ("DeepLab pseudo / ground truth", "deeplab", "deeplab_gt")
 PAGE_COLUMNS = ("image", "ground truth", "CAM", "seed", "CRF", "random walk", "IRN", "DeepLab")
 
 
@@ -44,7 +48,7 @@ def collect_results(eval_dir: str, seed_curve_json: str, stage_markers: Sequence
     """One dict with the table rows, the best seed threshold, stage times, date and machine.
 
     ``segmenter_row`` labels the segmentation row (which network and its init)."""
-    rows = []
+    rows, by_name = [], {}
     curve = read_json_if_present(seed_curve_json)
     for label, name, split in TABLE_ROWS:
         if name == "seed" and curve is not None:
@@ -56,27 +60,43 @@ def collect_results(eval_dir: str, seed_curve_json: str, stage_markers: Sequence
                 continue
         if name == "deeplab" and segmenter_row:
             label = segmenter_row
-        rows.append({"row": label, "split": eval_split_names.get(split, split), "miou": miou,
-                     "bg_threshold": threshold})
+        by_name[name] = {"row": label, "split": eval_split_names.get(split, split), "miou": miou,
+                         "bg_threshold": threshold}
+        rows.append(by_name[name])
         seed_png = read_json_if_present(os.path.join(eval_dir, "seed_png.json")) if name == "seed" else None
         if seed_png:  # SIPE/AE-SIPE: the seed PNGs, arg-max with the method's own background channel
             rows.append({"row": "Seed (own background)", "split": eval_split_names.get(split, split),
                          "miou": seed_png["miou_percent"], "bg_threshold": None})
+    if by_name.get(RATIO_ROW[2]) is not None:
+        rows.append(ratio_row(by_name))
     return {"profile": profile_name, "method": method, "date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine_description(),
             "rows": rows, "stages": [{"stage": m["stage"], "seconds": m["seconds"], "command": m["command"]}
                                      for m in stage_markers],
             "total_seconds": round(sum(m["seconds"] for m in stage_markers), 1)}
 
 
-def _format_miou(miou: float | None) -> str:
-    return "-" if miou is None else f"{miou:.1f}"
+def ratio_row(by_name: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """The row ``RATIO_ROW`` from the rows by evaluation name: ``ratio_percent`` = 100 x pseudo /
+    ground truth (None if either is missing)."""
+    label, pseudo_name, gt_name = RATIO_ROW
+    pseudo, gt = by_name[pseudo_name]["miou"], by_name[gt_name]["miou"]
+    ratio = None if pseudo is None or not gt else 100.0 * pseudo / gt
+    return {"row": label, "split": by_name[gt_name]["split"], "miou": None, "ratio_percent": ratio,
+            "bg_threshold": None}
+
+
+def _format_value(row: Mapping[str, Any]) -> str:
+    """The mIoU cell of a row; the ratio row shows its percentage of the ground-truth bound."""
+    if "ratio_percent" in row:
+        return "-" if row["ratio_percent"] is None else f"{row['ratio_percent']:.1f} % (ratio)"
+    return "-" if row["miou"] is None else f"{row['miou']:.1f}"
 
 
 def format_summary(summary: Mapping[str, Any]) -> str:
     lines = [f"# Results ({summary.get('method', 'avc')} seeds, {summary['profile']}, {summary['date']})", "", f"Machine: {summary['machine']}", "",
              "| | split | mIoU (%) | background threshold |", "|---|---|---|---|"]
     for row in summary["rows"]:
-        miou = _format_miou(row["miou"])
+        miou = _format_value(row)
         threshold = "" if row["bg_threshold"] is None else f"{row['bg_threshold']:.2f}"
         lines.append(f"| {row['row']} | {row['split']} | {miou} | {threshold} |")
     lines += ["", "| stage | wall time (s) |", "|---|---|"]
@@ -133,7 +153,7 @@ def write_page(results_dir: str, info: DatasetInfo, sample_ids: Sequence[str], c
     if curve_png and os.path.isfile(curve_png):
         shutil.copyfile(curve_png, os.path.join(results_dir, "seed_curve.png"))
     table = "".join(f"<tr><td>{html.escape(row['row'])}</td><td>{html.escape(row['split'])}</td>"
-                    f"<td>{_format_miou(row['miou'])}</td></tr>" for row in summary["rows"])
+                    f"<td>{html.escape(_format_value(row))}</td></tr>" for row in summary["rows"])
     header = "".join(f"<th>{html.escape(column)}</th>" for column in PAGE_COLUMNS)
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(summary.get('method', 'avc'))} pipeline results</title>
