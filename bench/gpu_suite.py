@@ -1,7 +1,7 @@
 """One prepared GPU check: every stage measured on CUDA in one short command.
 
 On a machine with one CUDA GPU (an H200 for about 15 minutes: the suite takes at most
-about 7 minutes, its own set-up included)::
+about 7 minutes, its own set-up included; 17 stages at 12 s per measurement)::
 
     bash bench/gpu_suite.sh --out gpu_out           # picks a python with torch, then runs:
     python -m bench.gpu_suite --out gpu_out         # full width, VOC-sized images, device cuda
@@ -41,12 +41,32 @@ Stages (``STAGES``: name -> function; each runs the project's own code):
   on the one GPU with NCCL; if NCCL refuses two processes on one GPU, one process. On CPU:
   2 processes with gloo. Checks that both ranks end with the same weights.
 
+The later methods (after ``ddp_step``, so a run short of time skips them first):
+
+* ``sipe_train``: SIPE training step (``network.methods.METHODS["sipe"]``: ``build_network``, its
+  ``losses`` with the valid mask, ``build_trainer`` with its ``group_specs`` and gradient clip),
+  crop 512, batch 16, bf16 autocast on CUDA.
+* ``sipe_infer``: SIPE seed inference (``network.methods.image_cams``: the method's 4 scales x
+  flip, IS-CAM fusion, arg-max seed with its own background).
+* ``irn_train``: IRN training step (``voc12.irn_dataset.IrLabelDataset`` pair labels from the
+  ground truth as IR labels, ``network.irn.IRNet``, ``boundary_training_terms``), crop 512, batch 32.
+* ``irn_seg_labels``: IRN pseudo mask per image as make_seg_labels.py --variant sipe
+  (``SegLabelDataset`` items, ``inference_edge`` at crop 512, ``split_cam_dict``,
+  ``tool.irn_walk.seg_label``; the CAM dicts are the one-hot ground truth).
+* ``msa_train``: MSA classifier training step as train_msa.py (frozen ``SpixelNet``
+  association, ``msa_losses`` of the image variant, ``msa_optimizer``, poly 0.5, clip 1), crop
+  480, batch 16, from scratch (BatchNorm trains).
+* ``deeplabv2_train`` / ``deeplabv2_test``: DeepLabV2-ResNet101 (``SEGMENTERS["deeplabv2_resnet101"]``)
+  training step as train_deeplab.py --arch deeplabv2 (``build_model``, ``accumulate_step``: batch
+  10 in 2 sub-batches, crop 321, the MSC loss; from scratch) and its test forward
+  (``test_deeplab.predict_probabilities`` with the test recipe: full image, no flip).
+
 Every measurement is bounded: ``--warmup`` untimed iterations, then iterations until
 ``--budget_s`` seconds have passed (at least one); the whole suite stops starting stages when
 ``--deadline_s`` is near. A stage that fails records its error and the suite goes on. Peak GPU
 memory (``torch.cuda.max_memory_allocated``) is reset before each stage.
 
-Adding a stage (SIPE, IRN, MSA, DeepLabV2 as they land): write ``def stage_x(suite: Suite) ->
+Adding a stage: write ``def stage_x(suite: Suite) ->
 dict`` that builds its network and batches from ``suite`` (``suite.config``, ``suite.info``,
 ``suite.ids``, ``suite.measure``) and returns its numbers (``rate`` in images/s and ``unit`` for
 the table), then add one entry to ``STAGES`` (and, for a projection, one line to
@@ -85,6 +105,12 @@ from bench.dense_rw_baseline import dense_random_walk
 from network.affinity import AffinityNet, affinity_loss
 from network.avc import AVCNet, avc_training_losses
 from network.deeplab import DEEPLAB_BN_MOMENTUM, DeepLabV1
+from network.irn import INFERENCE_CROP, IRNet, boundary_training_terms, inference_edge
+from network.methods import METHODS, build_network, image_cams
+from network.msa import IPC_WEIGHT, IPC_VARIANTS, MSANet, msa_losses, msa_optimizer
+from network.segmenters import SEGMENTERS
+from network.spixel import SpixelNet
+from make_seg_labels import SegLabelDataset
 from test_deeplab import DEFAULT_SCALES as DEEPLAB_TEST_SCALES, multiscale_views, predict_probabilities
 from tool.cam import cam_dict_from, fuse_cams, seed_from_cam_dict
 from tool.contract import HIGH_ALPHA, IGNORE_LABEL, LOW_ALPHA
@@ -96,11 +122,18 @@ from tool.fileio import (atomic_write_text, read_label_png, read_rgb_image, save
                          save_rgb_image)
 from tool.multiscale import forward_views
 from tool.random_walk import padded_size, random_walk, random_walk_labels, rw_scores_from_cam_dict
-from train_deeplab import HSV_SHIFT, SCALE_RANGE, segmentation_loss
+from train_deeplab import accumulate_step, segmentation_loss
 from train_deeplab import build_model as build_deeplab
+from train_irn import LOSS_TERMS as IRN_LOSS_TERMS
+from train_msa import LOSS_TERMS as MSA_LOSS_TERMS
 from tool.training import EpochBatchSampler, build_trainer, images_to_device, make_loader, unwrap_model
 from tool import transforms as T
+from tool.ir_label import split_cam_dict
+from tool.irn_walk import SEG_LABEL_VARIANTS, seg_label
+from tool.path_index import INFER_RADIUS
 from voc12.affinity_dataset import AffinityDataset
+from voc12.irn_dataset import IrLabelDataset
+from voc12.msa_data import MSAClassificationDataset
 from voc12.data import ClassificationDataset, MultiScaleDataset, SegmentationDataset
 from voc12.synthetic import class_definitions, generate_sample
 
@@ -111,6 +144,14 @@ VOC_VAL = 1449
 AVC_EPOCHS = 8
 AFF_EPOCHS = 8
 DEEPLAB_ITERS = 20000
+# DeepLabV1's training augmentation (train_deeplab.py's recipe; the constants moved into the table).
+SCALE_RANGE = SEGMENTERS["deeplabv1_resnet38"].train.scale_range
+HSV_SHIFT = SEGMENTERS["deeplabv1_resnet38"].train.hsv_shift
+SIPE_EPOCHS = METHODS["sipe"].training["max_epoches"]
+IRN_EPOCHS = 3   # train_irn.py --max_epoches
+MSA_EPOCHS = 12  # train_msa.py --max_epoches
+DEEPLABV2_ITERS = SEGMENTERS["deeplabv2_resnet101"].train.max_iters  # the published batch, not the profile's
+DEEPLABV2_BATCH = SEGMENTERS["deeplabv2_resnet101"].train.batch_size
 GOAL_AVC_TRAIN_MIN = 20.0
 GOAL_SEED_TRAIN_MIN = 2.0
 SEED_SCALES = (0.5, 1.0, 1.5, 2.0)
@@ -128,6 +169,15 @@ class SuiteConfig:
     avc_batch: int
     aff_batch: int
     deeplab_batch: int
+    sipe_crop: int       # SIPE (train_seed.py --method sipe): 512, batch 16
+    sipe_batch: int
+    irn_crop: int        # train_irn.py: 512, batch 32 (the crop's stride-4 grid must fit radius-10 paths)
+    irn_batch: int
+    irn_infer_crop: int  # make_seg_labels.py --crop_size (each image zero-padded to it)
+    msa_crop: int        # train_msa.py: 480, batch 16 (a multiple of the superpixel cell, 16)
+    msa_batch: int
+    v2_crop: int         # train_deeplab.py --arch deeplabv2: 321, batch 10 in 2 sub-batches
+    v2_batch: int
     num_images: int
     warmup: int
     budget_s: float
@@ -141,11 +191,17 @@ class SuiteConfig:
 PROFILES: dict[str, dict[str, Any]] = {
     # VOC-sized images, ResNet38 at width 1.0, the published crops and batches.
     "full": dict(width=1.0, image_hw=(375, 500), crop=448, avc_batch=8, aff_batch=8, deeplab_batch=10,
-                 num_images=8, warmup=2, budget_s=20.0, deadline_s=360.0,
+                 sipe_crop=512, sipe_batch=16, irn_crop=512, irn_batch=32, irn_infer_crop=INFERENCE_CROP,
+                 msa_crop=480, msa_batch=16, v2_crop=SEGMENTERS["deeplabv2_resnet101"].train.crop_size,
+                 v2_batch=SEGMENTERS["deeplabv2_resnet101"].train.batch_size,
+                 # 17 stages: 12 s per measurement keeps the run (set-up included) near 6.5 minutes.
+                 num_images=8, warmup=2, budget_s=12.0, deadline_s=380.0,
                  num_workers=min(8, os.cpu_count() or 1), ddp_timeout_s=90.0, max_dense_nodes=12000,
                  threads=None),
     # The same code at sizes the 2-core CPU runs in seconds (the test suite's run).
     "tiny": dict(width=0.0625, image_hw=(48, 64), crop=48, avc_batch=2, aff_batch=2, deeplab_batch=2,
+                 sipe_crop=48, sipe_batch=2, irn_crop=80, irn_batch=2, irn_infer_crop=64,
+                 msa_crop=48, msa_batch=2, v2_crop=48, v2_batch=2,
                  num_images=2, warmup=1, budget_s=0.2, deadline_s=600.0, num_workers=0,
                  ddp_timeout_s=180.0, max_dense_nodes=12000,
                  # One thread: at these sizes more threads only wait at barriers, and on a busy
@@ -694,7 +750,8 @@ def ddp_worker(result_path: str, width: float, crop: int, batch: int, use_cuda: 
         work_dir = tempfile.mkdtemp(prefix="gpu_suite_ddp_")
         args = argparse.Namespace(lr=0.01, wt_dec=5e-4, momentum=0.0, batch_size=batch, seed=0, max_epoches=1,
                                   save_dir=work_dir, session_name=f"avc{dist.rank}", save_every=0, amp=True,
-                                  resume=None, width_mult=width, bn_momentum=0.1, weights=None)
+                                  resume=None, width_mult=width, bn_momentum=0.1, weights=None,
+                                  arch="deeplabv1_resnet38")
         generator = torch.Generator().manual_seed(1000 + dist.rank)  # each rank its own half batch
         per_rank = batch // dist.world_size
         torch.manual_seed(0)
@@ -739,6 +796,225 @@ def ddp_worker(result_path: str, width: float, crop: int, batch: int, use_cuda: 
         cleanup()
 
 
+# --------------------------------------------------------------------------- SIPE, IRN, MSA, DeepLabV2
+def scaled_resize_long(resize_long: Sequence[int], crop: int, published_crop: int) -> tuple[int, int]:
+    """A method's long-side resize range at another crop (the tiny profile), in the same proportion."""
+    low, high = (max(1, round(value * crop / published_crop)) for value in resize_long)
+    return low, high
+
+
+def method_flag_defaults(add_flags: Callable[[argparse.ArgumentParser], None]) -> argparse.Namespace:
+    """The defaults of a method's own flags (its loss weights), as its training script parses them."""
+    parser = argparse.ArgumentParser(add_help=False)
+    add_flags(parser)
+    return parser.parse_args([])
+
+
+def stage_sipe_train(suite: Suite) -> dict[str, Any]:
+    """train_seed.py --method sipe's step: METHODS["sipe"] network, losses, groups and clipping."""
+    config, method = suite.config, METHODS["sipe"]
+    torch.manual_seed(0)
+    dataset = ClassificationDataset(suite.info, suite.ids, suite.cls_labels, crop_size=config.sipe_crop,
+                                    resize_long=scaled_resize_long(method.training["resize_long"], config.sipe_crop,
+                                                                   method.training["crop_size"]),
+                                    seed=0, color_jitter=method.color_jitter, valid_mask=method.valid_mask)
+    method_args = method_flag_defaults(method.add_flags)
+    model = build_network(method, NUM_CLASSES, None, config.width, method_args)
+    args = training_args(suite, "sipe", config.sipe_batch, method.training["lr"], method.momentum)
+    args.wt_dec = method.training["wt_dec"]
+    trainer, _ = build_trainer(model, 1000 * config.sipe_batch, args, suite.dist, method.loss_terms,
+                               max_step=10 ** 6, group_specs=method.group_specs, clip_grad_norm=method.clip_grad_norm)
+    trainer.model.train()
+    batches = [pinned(batch, suite) for batch in fixed_batches(dataset, config.sipe_batch)]
+
+    def forward_loss(batch: Any) -> tuple:
+        images = trainer.images_to_device(batch[1])
+        tensors = {"images": images, "labels": batch[2].to(suite.device, non_blocking=True),
+                   "valid": batch[3].to(suite.device, non_blocking=True)}
+        with trainer.autocast():
+            terms = method.losses(trainer.model, tensors, method_args)
+        return terms.pop("total"), terms, images.shape[0]
+
+    return {**train_rates(suite, trainer, batches, forward_loss), "batch": config.sipe_batch,
+            "crop": config.sipe_crop, "backbone": method.backbones[0],
+            "autocast": "bf16" if suite.cuda else "none (CPU)"}
+
+
+def stage_sipe_infer(suite: Suite) -> dict[str, Any]:
+    """infer_seed.py's SIPE work per image: the method's scales x flip, IS-CAM fusion, arg-max seed."""
+    method = METHODS["sipe"]
+    torch.manual_seed(0)
+    model = eval_model(build_network(method, NUM_CLASSES, None, suite.config.width), suite)
+    dataset = MultiScaleDataset(suite.info, suite.ids, suite.cls_labels, scales=method.scales)
+    items = [dataset[index] for index in range(len(dataset))]
+    counter = {"index": 0}
+
+    def one_image() -> int:
+        item = items[counter["index"] % len(items)]
+        counter["index"] += 1
+        cams = image_cams(method, model, item["views"], item["label"].numpy(), item["image"].shape[:2], suite.device)
+        cams.keys[np.argmax(cams.is_cam, axis=0)]  # the seed: arg-max with SIPE's own background
+        return 1
+
+    measured = suite.measure(one_image)
+    result = {"rate": measured["rate"], "unit": "images/s", "views": 2 * len(method.scales),
+              "images": measured["items"]}
+    if suite.cuda:
+        result["host_syncs_per_image"] = count_host_syncs(one_image)
+    return result
+
+
+def stage_irn_train(suite: Suite) -> dict[str, Any]:
+    """train_irn.py's step: IrLabelDataset pair labels (the ground truth as IR labels), IRNet,
+    boundary_training_terms, the Trainer (frozen backbone)."""
+    config = suite.config
+    torch.manual_seed(0)
+    ir_label_dir = os.path.dirname(suite.info.gt_path(suite.ids[0]))
+    dataset = IrLabelDataset(suite.info, suite.ids, ir_label_dir, crop_size=config.irn_crop, seed=0)
+    model = IRNet(width_mult=config.width)
+    args = training_args(suite, "irn", config.irn_batch, 0.1, 1e-4)  # train_irn.py's defaults
+    args.wt_dec = 1e-4
+    trainer, _ = build_trainer(model, 1000 * config.irn_batch, args, suite.dist, IRN_LOSS_TERMS, max_step=10 ** 6)
+    trainer.model.train()
+    batches = [pinned(batch, suite) for batch in fixed_batches(dataset, config.irn_batch)]
+    path_index = dataset.path_index
+
+    def forward_loss(batch: Any) -> tuple:
+        _, images, pair_labels = batch
+        images = trainer.images_to_device(images)
+        bg_pos, fg_pos, neg = (labels.to(suite.device, non_blocking=True) for labels in pair_labels)
+        with trainer.autocast():
+            edge_out, dp_out = trainer.model(images)
+        terms = boundary_training_terms(edge_out, dp_out, path_index, bg_pos, fg_pos, neg)
+        return terms["total"], {name: terms[name] for name in IRN_LOSS_TERMS}, images.shape[0]
+
+    return {**train_rates(suite, trainer, batches, forward_loss), "batch": config.irn_batch, "crop": config.irn_crop}
+
+
+def stage_irn_seg_labels(suite: Suite) -> dict[str, Any]:
+    """make_seg_labels.py --variant sipe per image: SegLabelDataset items (one-based CAM dicts with
+    the background, here the one-hot ground truth), inference_edge, split_cam_dict, seg_label."""
+    config, variant = suite.config, SEG_LABEL_VARIANTS["sipe"]
+    cam_dir = os.path.join(suite.work_dir, "irn_cam")
+    for image_id in suite.ids:
+        label = read_label_png(suite.info.gt_path(image_id))
+        save_npy(os.path.join(cam_dir, f"{image_id}.npy"),
+                 {int(key): (label == key).astype(np.float32) for key in np.unique(label) if key != IGNORE_LABEL})
+    dataset = SegLabelDataset(suite.info, suite.ids, cam_dir, variant.own_background)
+    items = [dataset[index] for index in range(len(dataset))]
+    torch.manual_seed(0)
+    model = eval_model(IRNet(width_mult=config.width), suite)
+    counter = {"index": 0}
+
+    def one_image() -> int:
+        item = items[counter["index"] % len(items)]
+        counter["index"] += 1
+        image_hw = tuple(item["image_hw"])
+        with torch.inference_mode():
+            edge = inference_edge(model, images_to_device(item["input"], suite.device), config.irn_infer_crop)
+        class_ids, cams, background = split_cam_dict(item["cam_dict"], variant.own_background, image_hw,
+                                                     source=item["cam_path"])
+        seg_label(variant, edge.float(), class_ids, cams, background, image_hw, INFER_RADIUS, 10.0, 8)
+        return 1
+
+    measured = suite.measure(one_image)
+    return {"rate": measured["rate"], "unit": "images/s (boundary + walk)", "images": measured["items"],
+            "crop": config.irn_infer_crop, "variant": variant.name}
+
+
+def stage_msa_train(suite: Suite) -> dict[str, Any]:
+    """train_msa.py's step (image variant): the frozen SpixelNet's association, msa_losses (DCR, AP
+    8 steps, IPC), msa_optimizer, poly 0.5, clip 1. From scratch (BatchNorm trains), as train_msa
+    without --weights."""
+    config = suite.config
+    torch.manual_seed(0)
+    dataset = MSAClassificationDataset(suite.info, suite.ids, suite.cls_labels, crop_size=config.msa_crop,
+                                       resize_long=scaled_resize_long((320, 640), config.msa_crop, 480), seed=0)
+    spixel = eval_model(SpixelNet(width_mult=config.width), suite)
+    for parameter in spixel.parameters():
+        parameter.requires_grad_(False)
+    model = MSANet(NUM_CLASSES, config.width, widened=False, fixed_bn=False)
+    args = training_args(suite, "msa", config.msa_batch, 0.1, 4e-5)  # train_msa.py's defaults
+    args.wt_dec = 4e-5
+    trainer, _ = build_trainer(model, 1000 * config.msa_batch, args, suite.dist, MSA_LOSS_TERMS, max_step=10 ** 6,
+                               optimizer=msa_optimizer(model, args.lr, args.wt_dec, args.momentum),
+                               poly_power=IPC_VARIANTS["image"].poly_power, clip_grad_norm=1.0)
+    trainer.model.train()
+    batches = [pinned(batch, suite) for batch in fixed_batches(dataset, config.msa_batch)]
+
+    def forward_loss(batch: Any) -> tuple:
+        _, images, labels, _ = batch
+        images, labels = trainer.images_to_device(images), labels.to(suite.device, non_blocking=True)
+        with torch.no_grad():  # the superpixel FCN is frozen
+            association = spixel(images)
+        with trainer.autocast():
+            terms = msa_losses(trainer.model, images, labels, association, "image", ipc_weight=IPC_WEIGHT)
+        return terms.pop("total"), terms, images.shape[0]
+
+    return {**train_rates(suite, trainer, batches, forward_loss), "batch": config.msa_batch, "crop": config.msa_crop,
+            "init": "scratch (BatchNorm trains)"}
+
+
+def stage_deeplabv2_train(suite: Suite) -> dict[str, Any]:
+    """train_deeplab.py --arch deeplabv2's step: its recipe's dataset, build_model (scratch: the
+    BatchNorms train), accumulate_step over iter_size sub-batches (MSC loss), the Trainer."""
+    config, segmenter = suite.config, SEGMENTERS["deeplabv2_resnet101"]
+    recipe = segmenter.train
+    torch.manual_seed(0)
+    dataset = SegmentationDataset(suite.info, suite.ids, label_dir=None, crop_size=config.v2_crop,
+                                  scale_range=recipe.scale_range, seed=0, augment=True, hsv_shift=recipe.hsv_shift,
+                                  scale_choices=recipe.scale_choices)
+    args = training_args(suite, "deeplabv2", config.v2_batch, recipe.lr, recipe.momentum)
+    args.wt_dec, args.lr_update_every = recipe.wt_dec, recipe.lr_update_every
+    args.arch, args.width_mult, args.weights, args.bn_momentum = segmenter.name, config.width, None, recipe.bn_momentum
+    with contextlib.redirect_stdout(sys.stderr):  # its "training from scratch" line
+        model = build_deeplab(args, SimpleNamespace(num_classes=NUM_CLASSES), suite.dist)
+    trainer, _ = build_trainer(model, 1000 * config.v2_batch, args, suite.dist, segmenter.loss_names, max_step=10 ** 6)
+    trainer.model.train()
+    batches = [pinned(batch, suite) for batch in fixed_batches(dataset, config.v2_batch)]
+    counter = {"index": 0}
+
+    def step() -> int:
+        counter["index"] += 1
+        _, images, labels = batches[counter["index"] % len(batches)]
+        images = trainer.images_to_device(images)
+        labels = labels.to(suite.device, non_blocking=True)
+        accumulate_step(trainer, trainer.model, segmenter, images, labels, recipe.iter_size, args.input_convention)
+        return images.shape[0]
+
+    measured = suite.measure(step)
+    result = {"rate": measured["rate"], "unit": "images/s", "steps": measured["iterations"],
+              "batch": config.v2_batch, "iter_size": recipe.iter_size, "crop": config.v2_crop, "init": args.init}
+    if suite.cuda:
+        result["host_syncs_per_step"] = count_host_syncs(step)
+    return result
+
+
+def stage_deeplabv2_test(suite: Suite) -> dict[str, Any]:
+    """test_deeplab.py's DeepLabV2 forward: its test recipe (full image, MSC inside, no flip, bilinear)."""
+    segmenter = SEGMENTERS["deeplabv2_resnet101"]
+    recipe = segmenter.test
+    torch.manual_seed(0)
+    with contextlib.redirect_stdout(sys.stderr):
+        model, start = segmenter.build(NUM_CLASSES, suite.config.width, None, segmenter.train.bn_momentum)
+    model = eval_model(model, suite)
+    images = [read_rgb_image(suite.info.image_path(image_id)) for image_id in suite.ids]
+    views = [multiscale_views(image, recipe.scales, flip=recipe.flip) for image in images]
+    counter = {"index": 0}
+
+    def one_image() -> int:
+        index = counter["index"] % len(images)
+        counter["index"] += 1
+        probs = predict_probabilities(model, views[index], images[index].shape[:2], device=suite.device,
+                                      align_corners=recipe.align_corners, convention=start.input_convention)
+        np.argmax(probs, axis=0)
+        return 1
+
+    measured = suite.measure(one_image)
+    return {"rate": measured["rate"], "unit": "images/s", "views": len(recipe.scales) * (2 if recipe.flip else 1),
+            "images": measured["items"]}
+
+
 STAGES: dict[str, Callable[[Suite], dict[str, Any]]] = {
     "avc_train": stage_avc_train,
     "avc_loader": stage_avc_loader,
@@ -750,6 +1026,14 @@ STAGES: dict[str, Callable[[Suite], dict[str, Any]]] = {
     "deeplab_train": stage_deeplab_train,
     "deeplab_test": stage_deeplab_test,
     "ddp_step": stage_ddp_step,
+    # The later methods, after the original suite: a run short of time skips these first.
+    "sipe_train": stage_sipe_train,
+    "sipe_infer": stage_sipe_infer,
+    "irn_train": stage_irn_train,
+    "irn_seg_labels": stage_irn_seg_labels,
+    "msa_train": stage_msa_train,
+    "deeplabv2_train": stage_deeplabv2_train,
+    "deeplabv2_test": stage_deeplabv2_test,
 }
 
 # name -> (stage, images processed, goal in minutes on one GPU or None)
@@ -763,6 +1047,14 @@ PROJECTIONS: dict[str, tuple[str, float, float | None]] = {
     "random walk (graph + walk), train_aug": ("random_walk", VOC_TRAIN_AUG, None),
     f"DeepLab training, {DEEPLAB_ITERS} iterations": ("deeplab_train", None, None),
     "DeepLab test, VOC val": ("deeplab_test", VOC_VAL, None),
+    f"SIPE training, train_aug x {SIPE_EPOCHS} epochs": ("sipe_train", VOC_TRAIN_AUG * SIPE_EPOCHS, None),
+    "SIPE seed inference, train_aug": ("sipe_infer", VOC_TRAIN_AUG, None),
+    f"IRN training, train_aug x {IRN_EPOCHS} epochs": ("irn_train", VOC_TRAIN_AUG * IRN_EPOCHS, None),
+    "IRN pseudo masks, train_aug": ("irn_seg_labels", VOC_TRAIN_AUG, None),
+    f"MSA training, train_aug x {MSA_EPOCHS} epochs": ("msa_train", VOC_TRAIN_AUG * MSA_EPOCHS, None),
+    f"DeepLabV2 training, {DEEPLABV2_ITERS} iterations x {DEEPLABV2_BATCH}":
+        ("deeplabv2_train", DEEPLABV2_ITERS * DEEPLABV2_BATCH, None),
+    "DeepLabV2 test, VOC val": ("deeplabv2_test", VOC_VAL, None),
 }
 
 
@@ -871,10 +1163,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     parser.add_argument("--stages", nargs="+", choices=list(STAGES), default=None, help="run only these stages")
     parser.add_argument("--width", type=float, default=None, help="ResNet38 width multiplier (profile: 1.0 / 0.0625)")
-    parser.add_argument("--budget_s", type=float, default=None, help="timed seconds per measurement (profile: 20)")
+    parser.add_argument("--budget_s", type=float, default=None, help="timed seconds per measurement (profile: 12)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed iterations before each measurement")
     parser.add_argument("--deadline_s", type=float, default=None,
-                        help="no stage starts after this many seconds of the suite (profile: 360)")
+                        help="no stage starts after this many seconds of the suite (profile: 380)")
     parser.add_argument("--num_workers", type=int, default=None, help="data-loader workers and CRF processes")
     parser.add_argument("--crop", type=int, default=None, help="training crop (profile: 448)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (profile: torch's / 1)")

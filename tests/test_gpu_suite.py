@@ -34,8 +34,11 @@ def test_every_stage_ran_with_positive_finite_rates(tiny_run):
         assert _positive_finite(result["wall_s"]), name
         if name not in CHECK_STAGES:
             assert _positive_finite(result["rate"]), (name, result["rate"])
-    for name in ("avc_train", "aff_train", "deeplab_train"):
+    for name in ("avc_train", "aff_train", "deeplab_train", "sipe_train", "irn_train", "msa_train"):
         assert _positive_finite(written["stages"][name]["rate_without_trainer"]), name
+    # The later methods' stages are in the table and ran (positive finite rates checked above).
+    assert {"sipe_train", "sipe_infer", "irn_train", "irn_seg_labels", "msa_train", "deeplabv2_train",
+            "deeplabv2_test"} <= set(written["stages"])
     assert report["stages"].keys() == written["stages"].keys()
 
 
