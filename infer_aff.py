@@ -42,7 +42,7 @@ from tool.fileio import (DataError, load_score_dict, read_id_list, read_rgb_imag
 from tool.logs import config_dict, save_config, setup_logging
 from tool.random_walk import (FEATURE_STRIDE, AffinityGraph, padded_size, random_walk, random_walk_labels,
                               rw_scores_from_cam_dict)
-from tool.training import images_to_device
+from tool.device import images_to_device
 from tool.outputs import OutputRecord
 from tool.parallel import run_images
 from voc12.data import check_images

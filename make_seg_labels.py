@@ -35,7 +35,7 @@ from tool.ir_label import split_cam_dict
 from tool.irn_walk import SEG_LABEL_VARIANTS, seg_label
 from tool.logs import config_dict, save_config, setup_logging
 from tool.path_index import INFER_RADIUS
-from tool.training import images_to_device
+from tool.device import images_to_device
 from voc12.data import check_images, collate_single
 
 logger = logging.getLogger("make_seg_labels")

@@ -48,7 +48,9 @@ from tool.fileio import read_id_list
 from tool.logs import setup_logging
 from tool.metrics import ConfusionMatrix
 from tool.multiscale import forward_views
-from tool.training import build_trainer, make_loader, seed_everything, unwrap_model
+from tool.device import seed_everything, unwrap_model
+from tool.sampler import make_loader
+from tool.trainer import build_trainer
 from voc12.data import SegmentationDataset
 
 logger = logging.getLogger(__name__)

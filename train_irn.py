@@ -34,7 +34,9 @@ from tool.distributed import all_reduce_tensor, cleanup, setup_distributed
 from tool.fileio import DataError, read_id_list
 from tool.logs import setup_logging
 from tool.path_index import TRAIN_RADIUS, check_path_size
-from tool.training import build_trainer, images_to_device, make_loader, seed_everything, unwrap_model
+from tool.device import images_to_device, seed_everything, unwrap_model
+from tool.sampler import make_loader
+from tool.trainer import build_trainer
 from voc12.irn_dataset import LABEL_STRIDE, IrLabelDataset, TopLeftCropDataset
 
 logger = logging.getLogger("train_irn")

@@ -18,7 +18,7 @@ import torch
 from network.avc import AVCNet, avc_training_losses
 from bench.unbatched_views import forward_views_unbatched
 from tool.multiscale import forward_views
-from tool.training import autocast_context
+from tool.device import autocast_context
 
 
 def views_for(image: torch.Tensor, scales: tuple[float, ...]) -> list[torch.Tensor]:

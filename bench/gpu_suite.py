@@ -16,7 +16,7 @@ so the project's real datasets read them. Networks are randomly initialised at w
 
 Stages (``STAGES``: name -> function; each runs the project's own code):
 
-* ``avc_train``: AVC classifier training step through ``tool.training.build_trainer`` /
+* ``avc_train``: AVC classifier training step through ``tool.trainer.build_trainer`` /
   ``Trainer.step`` and ``network.avc.avc_training_losses`` (two views, every loss term, bf16
   autocast and channels_last on CUDA), crop 448, batch 8, batches from
   ``voc12.data.ClassificationDataset``. It also times the same step without the Trainer
@@ -98,7 +98,9 @@ from tool.multiscale import forward_views
 from tool.random_walk import padded_size, random_walk, random_walk_labels, rw_scores_from_cam_dict
 from train_deeplab import HSV_SHIFT, SCALE_RANGE, segmentation_loss
 from train_deeplab import build_model as build_deeplab
-from tool.training import EpochBatchSampler, build_trainer, images_to_device, make_loader, unwrap_model
+from tool.device import images_to_device, unwrap_model
+from tool.sampler import EpochBatchSampler, make_loader
+from tool.trainer import build_trainer
 from tool import transforms as T
 from voc12.affinity_dataset import AffinityDataset
 from voc12.data import ClassificationDataset, MultiScaleDataset, SegmentationDataset

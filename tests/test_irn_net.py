@@ -13,7 +13,7 @@ from network.irn import (IRNet, boundary_training_terms, canonical_names, displa
 from network.weights import load_for_inference
 from tool.fileio import DataError
 from tool.path_index import PathIndex, edge_to_affinity
-from tool.training import make_sgd, parameter_groups
+from tool.optim import make_sgd, parameter_groups
 from tests.reference_data import load_reference, portable_value, reference_path
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -14,7 +14,7 @@ import make_seg_labels
 import train_irn
 from tool.cli import main_exit_code
 from tool.fileio import DataError, atomic_write_text, read_label_png, save_npy, save_rgb_image
-from tool.training import read_checkpoint
+from tool.checkpoint import read_checkpoint
 from tests.helpers_resume import assert_resume_is_bit_exact, log_rows
 from tests.helpers_torchrun import assert_ranks_agree_with_checkpoint, train_on_two_ranks
 

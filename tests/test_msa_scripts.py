@@ -18,7 +18,7 @@ from network.spixel import SpixelNet
 from tests.helpers_resume import log_rows
 from tool.datasets import get_dataset_info
 from tool.fileio import DataError, load_score_dict, read_id_list
-from tool.training import read_checkpoint
+from tool.checkpoint import read_checkpoint
 from voc12.msa_data import MSAClassificationDataset, SpixelDataset
 from voc12.prepare import prepare_voc
 from voc12.saliency import STANDIN_NOTE, read_saliency_png, write_standins

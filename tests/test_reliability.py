@@ -26,7 +26,9 @@ from tool.fileio import (DataError, atomic_write_text, check_images_decode, read
                          save_npy, save_score_dict)
 from tool.pipeline import PROFILES, Context, Paths, Stage, marker_path, run_stages, stage_done, stale_stages
 from tool.distributed import setup_distributed
-from tool.training import NonFiniteLossError, Trainer, load_checkpoint, read_checkpoint, save_checkpoint
+from tool.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
+from tool.nan_guard import NonFiniteLossError
+from tool.trainer import Trainer
 from voc12.data import check_images
 from voc12.prepare import prepare_voc
 from voc12.synthetic import generate_dataset

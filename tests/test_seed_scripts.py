@@ -18,7 +18,7 @@ from tests.helpers_torchrun import assert_ranks_agree_with_checkpoint, train_on_
 from tool.contract import HIGH_ALPHA, LOW_ALPHA, crf_dir
 from tool.datasets import get_dataset_info
 from tool.fileio import DataError, load_score_dict, read_id_list
-from tool.training import read_checkpoint
+from tool.checkpoint import read_checkpoint
 from voc12.prepare import prepare_voc
 from voc12.synthetic import generate_dataset
 

@@ -1,4 +1,4 @@
-"""Tests of tool/training.py, tool/cli.py and tool/logs.py (single process, CPU)."""
+"""Tests of tool/trainer, optim, sampler, checkpoint, cli and logs (single process, CPU)."""
 from __future__ import annotations
 
 import argparse
@@ -16,9 +16,12 @@ from tool.cli import (add_dataset_args, add_model_args, add_shard_args, add_trai
 from tool.distributed import DistInfo, all_reduce_confusion, all_reduce_tensor, setup_distributed
 from tool.fileio import DataError
 from tool.logs import CsvLogger, save_config
-from tool.training import (EpochBatchSampler, NonFiniteLossError, PolyLR, Trainer, check_finite,
-                           load_checkpoint, make_sgd, parameter_groups, poly_factor, read_checkpoint,
-                           save_checkpoint, seed_everything)
+from tool.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
+from tool.device import seed_everything
+from tool.optim import PolyLR, make_sgd, parameter_groups, poly_factor
+from tool.sampler import EpochBatchSampler
+from tool.nan_guard import NonFiniteLossError, check_finite
+from tool.trainer import Trainer
 
 
 class ToyWithNewLayers(nn.Module):

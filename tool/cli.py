@@ -194,7 +194,7 @@ def main_exit_code(main: Callable[[Sequence[str] | None], Any], argv: Sequence[s
         print(f"error: {describe_os_error(error)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except RuntimeError as error:
-        from tool.training import NonFiniteLossError  # imported late: not every script needs torch
+        from tool.nan_guard import NonFiniteLossError  # imported late: not every script needs torch
         if not isinstance(error, NonFiniteLossError):
             raise
         print(f"error: {error}", file=sys.stderr)
