@@ -86,22 +86,23 @@ from network.affinity import AffinityNet, affinity_loss
 from network.avc import AVCNet, avc_training_losses
 from network.deeplab import DEEPLAB_BN_MOMENTUM, DeepLabV1
 from test_deeplab import DEFAULT_SCALES as DEEPLAB_TEST_SCALES, multiscale_views, predict_probabilities
+from tool import transforms as T
 from tool.cam import cam_dict_from, fuse_cams, seed_from_cam_dict
+from tool.cli import run_cli
 from tool.contract import HIGH_ALPHA, IGNORE_LABEL, LOW_ALPHA
 from tool.crf import write_crf_dicts
 from tool.datasets import DatasetInfo
+from tool.device import images_to_device, unwrap_model
 from tool.distributed import DistInfo, all_gather_object, cleanup, setup_distributed
-from tool.cli import run_cli
 from tool.fileio import (atomic_write_text, read_label_png, read_rgb_image, save_npy, save_palette_png,
                          save_rgb_image)
 from tool.multiscale import forward_views
 from tool.random_walk import padded_size, random_walk, random_walk_labels, rw_scores_from_cam_dict
-from train_deeplab import HSV_SHIFT, SCALE_RANGE, segmentation_loss
-from train_deeplab import build_model as build_deeplab
-from tool.device import images_to_device, unwrap_model
 from tool.sampler import EpochBatchSampler, make_loader
 from tool.trainer import build_trainer
-from tool import transforms as T
+from train_deeplab import HSV_SHIFT, SCALE_RANGE, segmentation_loss
+from train_deeplab import build_model as build_deeplab
+from voc12 import layout as voc_layout
 from voc12.affinity_dataset import AffinityDataset
 from voc12.data import ClassificationDataset, MultiScaleDataset, SegmentationDataset
 from voc12.synthetic import class_definitions, generate_sample
@@ -220,8 +221,8 @@ def write_synthetic_dataset(root: str, config: SuiteConfig) -> tuple[DatasetInfo
     speed of its loader and step does not depend on where the scores came from).
     """
     classes = class_definitions(NUM_CLASSES)
-    info = DatasetInfo(name="synthetic", root=root,
-                       class_names=["background"] + [f"class{index}" for index in range(1, NUM_CLASSES + 1)])
+    info = voc_layout.dataset_info("synthetic", root, class_names=["background"] + [
+        f"class{index}" for index in range(1, NUM_CLASSES + 1)])
     ids, cls_labels = [], {}
     for index in range(config.num_images):
         image_id = f"suite_{index:03d}"

@@ -39,8 +39,8 @@ import torch.nn as nn
 from network.avc import AVCNet, avc_training_losses
 from network.sipe import SIPENet, sipe_image_cams, sipe_losses, valid_mask_on_grid
 from tool.cam import cam_dict_from, fuse_cams
-from tool.multiscale import forward_views_many
 from tool.cli import positive_float
+from tool.multiscale import forward_views_many
 from tool.optim import GROUP_SPECS, make_sgd, parameter_groups
 
 Batch = Dict[str, torch.Tensor]
