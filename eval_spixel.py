@@ -23,13 +23,13 @@ from network.spixel import SpixelNet, superpixel_scores, superpixels_of_image
 from network.weights import load_for_inference
 from tool import transforms as T
 from tool.cli import add_dataset_args, add_inference_model_args, non_negative_int, run_cli
-from tool.datasets import get_dataset_info
 from tool.fileio import atomic_write_text, read_id_list, read_label_png, read_rgb_image
+from workflow.datasets import DATASET_NAMES, get_dataset_info
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_dataset_args(parser)
+    add_dataset_args(parser, DATASET_NAMES)
     add_inference_model_args(parser)
     parser.add_argument("--weights", required=True, help="trained superpixel FCN (train_scn.py)")
     parser.add_argument("--infer_list", default=None, help="image ids (default: <root>/train.txt)")

@@ -267,7 +267,7 @@ def _parse_bool(text: str) -> bool:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from tool.datasets import DATASET_NAMES
+    from workflow.datasets import DATASET_NAMES
 
     parser = argparse.ArgumentParser(
         description="mIoU, per-class IoU and FP/FN ratios of predictions (PNG label maps or CAM dicts) "
@@ -301,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Evaluate as the flags say, print the results, write the curve outputs and the log entry."""
-    from tool.datasets import get_dataset_info
+    from workflow.datasets import get_dataset_info
 
     if args.curve and args.type != "npy":
         raise DataError("--curve evaluates background thresholds of CAM dicts: it needs --type npy")

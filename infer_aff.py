@@ -35,17 +35,18 @@ from tool.cli import (add_dataset_args, add_inference_model_args, add_overwrite_
                       non_negative_int,
                       positive_float, positive_int, run_cli, shard_list)
 from tool.crf import SEED_CRF, dense_crf
-from tool.datasets import DatasetInfo, get_dataset_info
+from tool.datasets import DatasetInfo
+from tool.device import images_to_device
 from tool.distributed import DistInfo, cleanup, setup_distributed
 from tool.fileio import (DataError, load_score_dict, read_id_list, read_rgb_image, require_files,
                          save_palette_png)
 from tool.logs import config_dict, save_config, setup_logging
-from tool.random_walk import (FEATURE_STRIDE, AffinityGraph, padded_size, random_walk, random_walk_labels,
-                              rw_scores_from_cam_dict)
-from tool.training import images_to_device
 from tool.outputs import OutputRecord
 from tool.parallel import run_images
+from tool.random_walk import (FEATURE_STRIDE, AffinityGraph, padded_size, random_walk, random_walk_labels,
+                              rw_scores_from_cam_dict)
 from voc12.data import check_images
+from workflow.datasets import DATASET_NAMES, get_dataset_info
 
 logger = logging.getLogger("infer_aff")
 
@@ -55,7 +56,7 @@ RW_CRF = dataclasses.replace(SEED_CRF, iterations=1)
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_dataset_args(parser)
+    add_dataset_args(parser, DATASET_NAMES)
     add_shard_args(parser)
     parser.add_argument("--weights", required=True, help="trained AffinityNet (.pth: ours, PSA's or SEAM's)")
     add_inference_model_args(parser)

@@ -43,7 +43,6 @@ from tool.cli import (add_dataset_args, add_inference_model_args, add_overwrite_
                       non_negative_int, positive_float, run_cli, shard_list)
 from tool.contract import HIGH_ALPHA, LOW_ALPHA, crf_dir
 from tool.crf import write_crf_dicts
-from tool.datasets import get_dataset_info
 from tool.distributed import cleanup, setup_distributed
 from tool.fileio import DataError, read_id_list, save_npy, save_palette_png, save_rgb_image, save_score_dict
 from tool.logs import save_config, setup_logging
@@ -51,6 +50,7 @@ from tool.outputs import OutputRecord
 from tool.parallel import run_images
 from tool.vis import affinity_matrix_picture, cam_overlay, label_overlay, tile_row
 from voc12.data import MultiScaleDataset
+from workflow.datasets import DATASET_NAMES, get_dataset_info
 
 logger = logging.getLogger("infer_seed")
 # MSA's checkpoints (train_msa.py trains them with its frozen superpixel FCN); not yet entries of
@@ -61,7 +61,7 @@ MSA_SCALES = (0.5, 1.0, 1.5, 2.0)  # the reference evaluator's
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_dataset_args(parser)
+    add_dataset_args(parser, DATASET_NAMES)
     add_shard_args(parser)
     parser.add_argument("--weights", required=True, help="trained seed classifier (.pth)")
     parser.add_argument("--method", choices=(*METHODS, *MSA_METHODS), default=None,

@@ -20,19 +20,19 @@ from typing import Sequence
 from tqdm import tqdm
 
 from tool.cli import add_dataset_args, add_shard_args, run_cli, shard_list
-from tool.datasets import get_dataset_info
 from tool.distributed import cleanup, setup_distributed
 from tool.fileio import load_score_dict, pending_ids, read_id_list, read_rgb_image, require_files, save_palette_png
 from tool.ir_label import IR_LABEL_VARIANTS, get_ir_variant, ir_label, split_cam_dict
 from tool.logs import config_dict, save_config, setup_logging
 from voc12.data import check_images
+from workflow.datasets import DATASET_NAMES, get_dataset_info
 
 logger = logging.getLogger("make_ir_labels")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_dataset_args(parser)
+    add_dataset_args(parser, DATASET_NAMES)
     add_shard_args(parser)
     parser.add_argument("--infer_list", default=None, help="image ids (default: <root>/train_aug.txt, "
                                                            "the list train_irn.py trains on)")

@@ -28,22 +28,23 @@ from network.weights import load_for_inference
 from tool import transforms as T
 from tool.cli import (add_dataset_args, add_inference_model_args, add_shard_args, non_negative_int, positive_float,
                       positive_int, run_cli, shard_list)
-from tool.datasets import DatasetInfo, get_dataset_info
+from tool.datasets import DatasetInfo
+from tool.device import images_to_device
 from tool.distributed import cleanup, setup_distributed
 from tool.fileio import load_score_dict, pending_ids, read_id_list, read_rgb_image, require_files, save_palette_png
 from tool.ir_label import split_cam_dict
 from tool.irn_walk import SEG_LABEL_VARIANTS, seg_label
 from tool.logs import config_dict, save_config, setup_logging
 from tool.path_index import INFER_RADIUS
-from tool.training import images_to_device
 from voc12.data import check_images, collate_single
+from workflow.datasets import DATASET_NAMES, get_dataset_info
 
 logger = logging.getLogger("make_seg_labels")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_dataset_args(parser)
+    add_dataset_args(parser, DATASET_NAMES)
     add_shard_args(parser)
     parser.add_argument("--weights", required=True, help="trained IRN (.pth: ours or the reference's res50_irn.pth)")
     add_inference_model_args(parser)

@@ -26,12 +26,13 @@ from tqdm import tqdm
 from tool.cam import SEAM_SEED_BG_THRESHOLD, alpha_for_threshold
 from tool.cli import add_dataset_args, add_overwrite_arg, add_parallel_args, positive_int, run_cli
 from tool.crf import SEED_CRF, CrfParams, crf_label
-from tool.datasets import DatasetInfo, get_dataset_info
+from tool.datasets import DatasetInfo
 from tool.fileio import (IMAGE_CHECK_CACHE, DataError, check_images_decode, load_score_dict, pending_ids,
                          read_id_list, read_rgb_image, require_files, save_palette_png)
 from tool.logs import config_dict, setup_logging
 from tool.outputs import OutputRecord
 from tool.parallel import plan_workers, run_in_flight
+from workflow.datasets import DATASET_NAMES, get_dataset_info
 
 logger = logging.getLogger("refine_mask")
 
@@ -78,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--cam_dir", required=True, help="folder of CAM dicts <id>.npy")
     parser.add_argument("--out_dir", required=True, help="folder for the pseudo-mask PNGs")
-    add_dataset_args(parser)
+    add_dataset_args(parser, DATASET_NAMES)
     parser.add_argument("--list", "--infer_list", dest="list", default=None,
                         help="image id list; none: the dataset's train list")
     parser.add_argument("--bg_threshold", type=float, default=SEAM_SEED_BG_THRESHOLD,

@@ -30,7 +30,7 @@ from typing import Sequence
 from network.segmenters import ALIASES, SEGMENTERS, get_segmenter
 from tool.cli import run_cli
 from tool.fileio import DataError, atomic_write_text, read_id_list, read_json_if_present
-from tool.pipeline import (PROFILES, REFINEMENTS, Context, Paths, build_stages, profile_for_root, run_stages,
+from workflow.pipeline import (PROFILES, REFINEMENTS, Context, Paths, build_stages, profile_for_root, run_stages,
                            stage_done, stale_stages)
 
 
@@ -180,8 +180,8 @@ def run_method(args: argparse.Namespace, method: str, work_dir: str, results_dir
 
 def build_report(ctx: Context, stages) -> str:
     """Write summary.md/json and index.html from the outputs of the finished stages."""
-    from tool.datasets import get_dataset_info
-    from tool.report import collect_results, write_page, write_summary
+    from workflow.datasets import get_dataset_info
+    from workflow.report import collect_results, write_page, write_summary
 
     paths = ctx.paths
     markers = [marker for marker in (stage_done(ctx, stage) for stage in stages) if marker]

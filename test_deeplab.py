@@ -49,7 +49,7 @@ from tool import transforms as T
 from tool.cli import (add_dataset_args, add_inference_model_args, add_overwrite_arg, add_parallel_args, add_shard_args,
                       non_negative_int, positive_float, run_cli, shard_list)
 from tool.crf import DEEPLAB_TEST_CRF, CrfParams, dense_crf, wrapped_mean_subtracted
-from tool.datasets import DatasetInfo, get_dataset_info
+from tool.datasets import DatasetInfo
 from tool.distributed import barrier, cleanup, setup_distributed
 from tool.fileio import read_id_list, read_rgb_image, save_palette_png
 from tool.logs import setup_logging
@@ -57,6 +57,7 @@ from tool.multiscale import forward_views_many
 from tool.outputs import OutputRecord
 from tool.parallel import run_images
 from voc12.data import check_images
+from workflow.datasets import DATASET_NAMES, get_dataset_info
 
 logger = logging.getLogger(__name__)
 
@@ -183,7 +184,7 @@ def write_prediction(args: argparse.Namespace, item: dict[str, Any], probs: np.n
 # --------------------------------------------------------------------------- script
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_dataset_args(parser)
+    add_dataset_args(parser, DATASET_NAMES)
     add_inference_model_args(parser)
     add_shard_args(parser)
     parser.add_argument("--weights", required=True, metavar="PATH",

@@ -26,12 +26,14 @@ from network import build_model
 from network.affinity import AffinityNet, affinity_loss
 from network.weights import start_from_weights
 from tool.cli import add_dataset_args, add_model_args, add_training_args, run_cli
-from tool.datasets import get_dataset_info
+from tool.device import seed_everything, unwrap_model
 from tool.distributed import cleanup, setup_distributed
 from tool.fileio import read_id_list
 from tool.logs import setup_logging
-from tool.training import build_trainer, make_loader, seed_everything, unwrap_model
+from tool.sampler import make_loader
+from tool.trainer import build_trainer
 from voc12.affinity_dataset import LABEL_STRIDE, AffinityDataset
+from workflow.datasets import DATASET_NAMES, get_dataset_info
 
 logger = logging.getLogger("train_aff")
 
@@ -42,7 +44,7 @@ AFFINITY_RADIUS = 5
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_dataset_args(parser)
+    add_dataset_args(parser, DATASET_NAMES)
     add_model_args(parser)
     add_training_args(parser, batch_size=8, max_epoches=8, lr=0.1, wt_dec=5e-4, crop_size=448,
                       session_name="resnet38_aff", num_workers=8)

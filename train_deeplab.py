@@ -42,14 +42,17 @@ from network.deeplabv2 import to_input_convention
 from network.segmenters import ALIASES, SEGMENTERS, Segmenter, get_segmenter, segmentation_loss  # noqa: F401
 from tool.cli import (add_dataset_args, add_model_args, add_training_args, non_negative_int,
                       positive_float, positive_int, run_cli, shard_list)
-from tool.datasets import DatasetInfo, get_dataset_info
+from tool.datasets import DatasetInfo
+from tool.device import seed_everything, unwrap_model
 from tool.distributed import DistInfo, cleanup, setup_distributed
 from tool.fileio import read_id_list
 from tool.logs import setup_logging
 from tool.metrics import ConfusionMatrix
 from tool.multiscale import forward_views
-from tool.training import build_trainer, make_loader, seed_everything, unwrap_model
+from tool.sampler import make_loader
+from tool.trainer import build_trainer
 from voc12.data import SegmentationDataset
+from workflow.datasets import DATASET_NAMES, get_dataset_info
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +63,7 @@ def build_parser(arch: str = DEFAULT_ARCH) -> argparse.ArgumentParser:
     """The flags, with the defaults of ``arch``'s published recipe."""
     recipe = get_segmenter(arch).train
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_dataset_args(parser)
+    add_dataset_args(parser, DATASET_NAMES)
     add_model_args(parser)
     parser.add_argument("--arch", choices=[*SEGMENTERS, *ALIASES], default=DEFAULT_ARCH,
                         help=f"segmentation network (default {DEFAULT_ARCH}); sets the defaults below")

@@ -29,13 +29,15 @@ from torch.utils.data import DataLoader
 from network.irn import IRNet, boundary_training_terms, displacement_sum
 from network.weights import load_pretrained_backbone
 from tool.cli import add_dataset_args, add_model_args, add_training_args, run_cli
-from tool.datasets import get_dataset_info
+from tool.device import images_to_device, seed_everything, unwrap_model
 from tool.distributed import all_reduce_tensor, cleanup, setup_distributed
 from tool.fileio import DataError, read_id_list
 from tool.logs import setup_logging
 from tool.path_index import TRAIN_RADIUS, check_path_size
-from tool.training import build_trainer, images_to_device, make_loader, seed_everything, unwrap_model
+from tool.sampler import make_loader
+from tool.trainer import build_trainer
 from voc12.irn_dataset import LABEL_STRIDE, IrLabelDataset, TopLeftCropDataset
+from workflow.datasets import DATASET_NAMES, get_dataset_info
 
 logger = logging.getLogger("train_irn")
 
@@ -44,7 +46,7 @@ LOSS_TERMS = ("pos_aff", "neg_aff", "dp_fg", "dp_bg")
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_dataset_args(parser)
+    add_dataset_args(parser, DATASET_NAMES)
     add_model_args(parser)
     add_training_args(parser, batch_size=32, max_epoches=3, lr=0.1, wt_dec=1e-4, crop_size=512,
                       momentum=1e-4, session_name="resnet50_irn", num_workers=8)

@@ -29,12 +29,14 @@ from network.msa import AP_THRESHOLD, IPC_VARIANTS, IPC_WEIGHT, MSANet, msa_loss
 from network.spixel import CELL, SpixelNet
 from network.weights import load_for_inference, load_pretrained_backbone
 from tool.cli import add_dataset_args, add_model_args, add_training_args, positive_float, run_cli
-from tool.datasets import get_dataset_info
+from tool.device import seed_everything, unwrap_model
 from tool.distributed import cleanup, setup_distributed
 from tool.fileio import read_id_list
 from tool.logs import setup_logging
-from tool.training import build_trainer, make_loader, seed_everything, unwrap_model
+from tool.sampler import make_loader
+from tool.trainer import build_trainer
 from voc12.msa_data import MSAClassificationDataset
+from workflow.datasets import DATASET_NAMES, get_dataset_info
 
 logger = logging.getLogger("train_msa")
 
@@ -53,7 +55,7 @@ def add_msa_args(parser: argparse.ArgumentParser) -> None:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_dataset_args(parser)
+    add_dataset_args(parser, DATASET_NAMES)
     add_model_args(parser)
     add_training_args(parser, batch_size=16, max_epoches=12, lr=0.1, wt_dec=4e-5, momentum=4e-5, crop_size=480,
                       session_name="msa", num_workers=8)

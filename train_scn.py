@@ -19,12 +19,14 @@ import torch
 
 from network.spixel import CELL, POS_WEIGHT, SpixelNet, labxy_target, spixel_loss
 from tool.cli import add_dataset_args, add_model_args, add_training_args, positive_float, run_cli
-from tool.datasets import get_dataset_info
+from tool.device import seed_everything, unwrap_model
 from tool.distributed import cleanup, setup_distributed
 from tool.fileio import DataError, read_id_list
 from tool.logs import setup_logging
-from tool.training import build_trainer, make_loader, seed_everything, unwrap_model
+from tool.sampler import make_loader
+from tool.trainer import build_trainer
 from voc12.msa_data import SpixelDataset
+from workflow.datasets import DATASET_NAMES, get_dataset_info
 
 logger = logging.getLogger("train_scn")
 
@@ -33,7 +35,7 @@ LOSS_TERMS = ("sem", "pos")
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_dataset_args(parser)
+    add_dataset_args(parser, DATASET_NAMES)
     add_model_args(parser)
     add_training_args(parser, batch_size=16, max_epoches=50, lr=5e-5, wt_dec=0.0, crop_size=512,
                       session_name="spixel_fcn", num_workers=2)

@@ -26,12 +26,14 @@ import torch.nn as nn
 from network.methods import METHODS, SeedMethod, build_network, get_method
 from network.weights import start_from_weights
 from tool.cli import add_dataset_args, add_model_args, add_training_args, positive_int, run_cli
-from tool.datasets import get_dataset_info
+from tool.device import seed_everything, unwrap_model
 from tool.distributed import cleanup, setup_distributed
 from tool.fileio import read_id_list
 from tool.logs import setup_logging
-from tool.training import build_trainer, make_loader, seed_everything, unwrap_model
+from tool.sampler import make_loader
+from tool.trainer import build_trainer
 from voc12.data import ClassificationDataset
+from workflow.datasets import DATASET_NAMES, get_dataset_info
 
 logger = logging.getLogger("train_seed")
 
@@ -54,7 +56,7 @@ def parse_args(argv: Sequence[str] | None = None, default_method: str = "sipe",
                         help="seed method: " + "; ".join(f"{m.name}: {m.summary}" for m in METHODS.values()))
     parser.add_argument("--backbone", choices=method.backbones, default=method.backbones[0],
                         help=f"backbone of {method.name} (default {method.backbones[0]})")
-    add_dataset_args(parser)
+    add_dataset_args(parser, DATASET_NAMES)
     add_model_args(parser)
     add_training_args(parser, **training)
     parser.add_argument("--train_list", default=None,

@@ -15,10 +15,10 @@ import time
 
 import torch
 
-from network.avc import AVCNet, avc_training_losses
 from bench.unbatched_views import forward_views_unbatched
+from network.avc import AVCNet, avc_training_losses
+from tool.device import autocast_context
 from tool.multiscale import forward_views
-from tool.training import autocast_context
 
 
 def views_for(image: torch.Tensor, scales: tuple[float, ...]) -> list[torch.Tensor]:

@@ -33,9 +33,9 @@ from PIL import Image
 from network.affinity import AffinityNet
 from network.avc import AVCNet
 from network.deeplab import DeepLabV1
-from tool.datasets import get_dataset_info
 from voc12.prepare import prepare_voc
 from voc12.synthetic import generate_dataset
+from workflow.datasets import get_dataset_info
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGES = ("seed", "deeplab", "rw")

@@ -16,7 +16,7 @@ so the project's real datasets read them. Networks are randomly initialised at w
 
 Stages (``STAGES``: name -> function; each runs the project's own code):
 
-* ``avc_train``: AVC classifier training step through ``tool.training.build_trainer`` /
+* ``avc_train``: AVC classifier training step through ``tool.trainer.build_trainer`` /
   ``Trainer.step`` and ``network.avc.avc_training_losses`` (two views, every loss term, bf16
   autocast and channels_last on CUDA), crop 448, batch 8, batches from
   ``voc12.data.ClassificationDataset``. It also times the same step without the Trainer
@@ -112,25 +112,28 @@ from network.segmenters import SEGMENTERS
 from network.spixel import SpixelNet
 from make_seg_labels import SegLabelDataset
 from test_deeplab import DEFAULT_SCALES as DEEPLAB_TEST_SCALES, multiscale_views, predict_probabilities
+from tool import transforms as T
 from tool.cam import cam_dict_from, fuse_cams, seed_from_cam_dict
+from tool.cli import run_cli
 from tool.contract import HIGH_ALPHA, IGNORE_LABEL, LOW_ALPHA
 from tool.crf import write_crf_dicts
 from tool.datasets import DatasetInfo
+from tool.device import images_to_device, unwrap_model
 from tool.distributed import DistInfo, all_gather_object, cleanup, setup_distributed
-from tool.cli import run_cli
 from tool.fileio import (atomic_write_text, read_label_png, read_rgb_image, save_npy, save_palette_png,
                          save_rgb_image)
 from tool.multiscale import forward_views
 from tool.random_walk import padded_size, random_walk, random_walk_labels, rw_scores_from_cam_dict
+from tool.ir_label import split_cam_dict
+from tool.irn_walk import SEG_LABEL_VARIANTS, seg_label
+from tool.path_index import INFER_RADIUS
+from tool.sampler import EpochBatchSampler, make_loader
+from tool.trainer import build_trainer
 from train_deeplab import accumulate_step, segmentation_loss
 from train_deeplab import build_model as build_deeplab
 from train_irn import LOSS_TERMS as IRN_LOSS_TERMS
 from train_msa import LOSS_TERMS as MSA_LOSS_TERMS
-from tool.training import EpochBatchSampler, build_trainer, images_to_device, make_loader, unwrap_model
-from tool import transforms as T
-from tool.ir_label import split_cam_dict
-from tool.irn_walk import SEG_LABEL_VARIANTS, seg_label
-from tool.path_index import INFER_RADIUS
+from voc12 import layout as voc_layout
 from voc12.affinity_dataset import AffinityDataset
 from voc12.irn_dataset import IrLabelDataset
 from voc12.msa_data import MSAClassificationDataset
@@ -274,8 +277,8 @@ def write_synthetic_dataset(root: str, config: SuiteConfig) -> tuple[DatasetInfo
     speed of its loader and step does not depend on where the scores came from).
     """
     classes = class_definitions(NUM_CLASSES)
-    info = DatasetInfo(name="synthetic", root=root,
-                       class_names=["background"] + [f"class{index}" for index in range(1, NUM_CLASSES + 1)])
+    info = voc_layout.dataset_info("synthetic", root, class_names=["background"] + [
+        f"class{index}" for index in range(1, NUM_CLASSES + 1)])
     ids, cls_labels = [], {}
     for index in range(config.num_images):
         image_id = f"suite_{index:03d}"

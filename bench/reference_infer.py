@@ -38,9 +38,9 @@ from network.deeplab import DeepLabV1
 from network.methods import fuse_seam_views
 from network.weights import load_for_inference
 from tool.cli import run_cli
-from tool.datasets import get_dataset_info
 from tool.fileio import read_id_list
 from voc12.data import MultiScaleDataset, collate_single
+from workflow.datasets import get_dataset_info
 
 CPU = torch.device("cpu")
 

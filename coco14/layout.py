@@ -13,7 +13,9 @@ use contiguous class indices; ``COCO_CATEGORY_IDS`` maps the sparse COCO categor
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
+from tool.datasets import DatasetInfo, prepare_command
 from tool.fileio import DataError
 
 COCO_CLASS_NAMES: tuple[str, ...] = (
@@ -61,3 +63,18 @@ def split_of_id(image_id: str) -> str:
 
 def image_path(root: str, image_id: str) -> str:
     return os.path.join(root, split_of_id(image_id), image_id + IMAGE_SUFFIX)
+
+
+@dataclass
+class CocoDatasetInfo(DatasetInfo):
+    """COCO 2014: the image folder (train2014 / val2014) is the split named in the id."""
+
+    def image_path(self, image_id: str) -> str:
+        return image_path(self.root, image_id)
+
+
+def dataset_info(root: str, list_dir: str | None = None) -> CocoDatasetInfo:
+    """The :class:`DatasetInfo` of COCO 2014 at ``root`` (lists in ``list_dir``, default root)."""
+    return CocoDatasetInfo(name="coco14", root=root, class_names=list(COCO_CLASS_NAMES), image_dir="",
+                           image_suffix=IMAGE_SUFFIX, label_dir=LABEL_DIR, list_dir=list_dir,
+                           prepare_command=prepare_command("coco14.prepare --coco_root", root, list_dir))

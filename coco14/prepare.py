@@ -12,12 +12,12 @@ import argparse
 import logging
 import os
 
-from coco14.layout import split_of_id
+from coco14.layout import dataset_info, split_of_id
 from tool.cli import run_cli
 from tool.contract import image_ids_in
-from tool.datasets import DatasetInfo, get_dataset_info
+from tool.datasets import DatasetInfo
 from tool.fileio import DataError
-from voc12.prepare import default_workers, write_prepared_dataset
+from tool.prepared import default_workers, write_prepared_dataset
 
 LOGGER = logging.getLogger(__name__)
 _LIST_OF_SPLIT = {"train2014": "train", "val2014": "val"}
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=default_workers(), help="processes reading labels")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    prepare_coco(get_dataset_info("coco14", args.coco_root, list_dir=args.out_dir), workers=args.workers)
+    prepare_coco(dataset_info(args.coco_root, list_dir=args.out_dir), workers=args.workers)
     return 0
 
 

@@ -34,7 +34,7 @@ def pair_affinities(features: torch.Tensor, radius: int) -> torch.Tensor:
 class AffinityNet(ResNet38):
     """ResNet38 + affinity head; ``forward`` returns pair affinities (n, n_offsets, n_from)."""
 
-    # Randomly initialised layers (10x learning rate), read by tool.training.parameter_groups.
+    # Randomly initialised layers (10x learning rate), read by tool.optim.parameter_groups.
     new_layers = ("f8_3", "f8_4", "f8_5", "f9")
 
     def __init__(self, width_mult: float = 1.0, bn_momentum: float = 0.1, radius: int = 5) -> None:

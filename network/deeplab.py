@@ -29,7 +29,7 @@ class DeepLabV1(nn.Module):
     logits bilinearly upsampled (align_corners=True) to the input size.
     """
 
-    # Randomly initialised layers (10x learning rate), read by tool.training.parameter_groups.
+    # Randomly initialised layers (10x learning rate), read by tool.optim.parameter_groups.
     new_layers = ("conv_fov", "bn_fov", "conv_fov2", "bn_fov2", "cls_conv")
 
     def __init__(self, num_classes: int = 20, width_mult: float = 1.0,

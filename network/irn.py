@@ -65,7 +65,7 @@ def _head(in_channels: int, out_channels: int, groups: int, upsample: int = 1) -
 class IRNet(nn.Module):
     """``forward(x) -> (edge logits (B, 1, h, w), displacement (B, 2, h, w))`` on the stride-4 grid."""
 
-    # Parameter groups (tool.training.parameter_groups): the boundary branch at lr x1, the
+    # Parameter groups (tool.optim.parameter_groups): the boundary branch at lr x1, the
     # displacement branch at lr x10, weight decay on every parameter; the backbone trains not.
     lr_groups = (("edge_layers", 1.0), ("dp_layers", 10.0))
 

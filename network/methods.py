@@ -20,7 +20,7 @@ Adding a method (e.g. ``msa``) = one :class:`SeedMethod` in ``METHODS``:
   entry sets ``valid_mask``); ``loss_terms`` are the logged terms (CSV columns);
 * ``training``: the defaults of the shared training flags (batch, epochs, lr, weight decay,
   momentum, crop, resize range, session name); ``group_specs``: learning-rate multipliers and
-  weight decay per parameter group (tool.training.GROUP_SPECS layout); ``clip_grad_norm``;
+  weight decay per parameter group (tool.optim.GROUP_SPECS layout); ``clip_grad_norm``;
 * ``color_jitter`` / ``valid_mask``: the training augmentation;
 * ``fusion`` (``"seam"``: SEAM's min-max fusion of the refined CAM; ``"sipe"``: IS-CAMs
   summed over scales and max-normalised, background channel included) and ``scales``;
@@ -39,9 +39,9 @@ import torch.nn as nn
 from network.avc import AVCNet, avc_training_losses
 from network.sipe import SIPENet, sipe_image_cams, sipe_losses, valid_mask_on_grid
 from tool.cam import cam_dict_from, fuse_cams
-from tool.multiscale import forward_views_many
 from tool.cli import positive_float
-from tool.training import GROUP_SPECS, make_sgd, parameter_groups
+from tool.multiscale import forward_views_many
+from tool.optim import GROUP_SPECS, make_sgd, parameter_groups
 
 Batch = Dict[str, torch.Tensor]
 

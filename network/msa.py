@@ -40,7 +40,7 @@ from network.layers import scaled_channels
 from network.resnet import ResNet
 from network.spixel import CELL, conv_block, pool_features, upsample_features
 from tool.contract import MSA_MEAN, MSA_STD
-from tool.training import parameter_groups
+from tool.optim import parameter_groups
 from tool.transforms import hwc_to_chw, normalize
 
 AP_STEPS = 8

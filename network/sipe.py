@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from network.backbones import OUTPUT_STRIDE_16, build_backbone
 from network.layers import scaled_channels
 from tool.contract import IMAGENET_MEAN, IMAGENET_STD
-from tool.training import autocast_context, images_to_device
+from tool.device import autocast_context, images_to_device
 
 NORM_EPS = 1e-5          # every max / L2 normalisation of the reference
 BACKGROUND_IOU_FACTOR = 0.5

@@ -28,9 +28,10 @@ import torch.nn as nn
 from network.mxnet_params import MXNET_LIST_MAGIC, mxnet_to_resnet38, read_mxnet_params
 from network.resnet import ResNet
 from network.resnet38 import ResNet38
+from tool.checkpoint import format_keys as _format_keys
+from tool.checkpoint import require_finite_weights, state_mismatch
+from tool.device import unwrap_model
 from tool.fileio import DataError
-from tool.training import format_keys as _format_keys
-from tool.training import require_finite_weights, state_mismatch, unwrap_model
 
 # ------------------------------------------------------------------ .pth reading
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")

@@ -9,7 +9,8 @@ from typing import Any, Callable, Sequence
 import pytest
 import torch
 
-from tool.training import Trainer, read_checkpoint
+from tool.checkpoint import read_checkpoint
+from tool.trainer import Trainer
 
 
 def log_rows(save_dir: str, session: str) -> list[dict[str, str]]:

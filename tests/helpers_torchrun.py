@@ -45,7 +45,7 @@ def assert_ranks_agree_with_checkpoint(ranks: list[dict[str, torch.Tensor]], che
                                        steps: int) -> None:
     """Both ranks end with identical weights (BatchNorm buffers included), and the final
     checkpoint, written by rank 0 after ``steps`` steps, holds them."""
-    from tool.training import read_checkpoint
+    from tool.checkpoint import read_checkpoint
 
     rank0, rank1 = ranks
     assert rank0.keys() == rank1.keys()

@@ -23,9 +23,11 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from tool.cli import add_training_args, positive_int, run_cli
+from tool.device import seed_everything, unwrap_model
 from tool.distributed import cleanup, setup_distributed
 from tool.logs import setup_logging
-from tool.training import build_trainer, make_loader, seed_everything, unwrap_model
+from tool.sampler import make_loader
+from tool.trainer import build_trainer
 
 logger = logging.getLogger(__name__)
 

@@ -14,12 +14,12 @@ from PIL import Image
 import infer_aff
 import train_aff
 from network.avc import AVCNet
-from tool.fileio import DataError, atomic_write_text, read_label_png, save_npy, save_rgb_image
-from tool.random_walk import AffinityGraph
-from tool.training import read_checkpoint
 from tests.helpers_resume import assert_resume_is_bit_exact, log_rows
 from tests.helpers_torchrun import assert_ranks_agree_with_checkpoint, train_on_two_ranks
 from tests.reference_data import load_reference, reference_cam_dict, reference_graph
+from tool.checkpoint import read_checkpoint
+from tool.fileio import DataError, atomic_write_text, read_label_png, save_npy, save_rgb_image
+from tool.random_walk import AffinityGraph
 
 HEIGHT, WIDTH = 56, 60          # width not a multiple of 8: infer_aff pads to 56 x 64 (7 x 8 grid)
 CROP = 56                       # 7 x 7 label grid: SEAM's rule gives radius 3

@@ -10,8 +10,8 @@ from network.affinity import AffinityNet, affinity_loss, pair_affinities
 from tool import transforms as T
 from tool.affinity import (affinity_pair_labels, affinity_radius, fuse_crf_labels, pair_indices,
                            pool_score_stack, radius_offsets)
-from tool.datasets import DatasetInfo
 from tool.fileio import DataError, save_npy, save_rgb_image
+from voc12 import layout as voc_layout
 from voc12.affinity_dataset import AffinityDataset, affinity_labels_from_crop, crf_score_stack
 from tests.reference_data import load_reference, portable_state_dict, reference_keys
 
@@ -231,7 +231,7 @@ def test_crop_pool_fuse_matches_reference_dataset():
 
 
 def make_affinity_data(root, ids, size_hw=(60, 50)):
-    info = DatasetInfo(name="synthetic", root=str(root), class_names=["background", "a", "b", "c"])
+    info = voc_layout.dataset_info("synthetic", str(root), class_names=["background", "a", "b", "c"])
     rng = np.random.default_rng(0)
     la_dir, ha_dir = str(root / "crf_4.0"), str(root / "crf_24.0")
     h, w = size_hw

@@ -11,7 +11,6 @@ from torch.utils.data import DataLoader
 from coco14.layout import COCO_CATEGORY_IDS, COCO_CLASS_NAMES
 from coco14.prepare import prepare_coco
 from tool.cli import main_exit_code
-from tool.datasets import DATASET_NAMES, get_dataset_info
 from tool.fileio import DataError, read_id_list, read_label_png, save_palette_png, save_rgb_image
 from voc12 import layout
 from voc12.data import (ClassificationDataset, MultiScaleDataset, SegmentationDataset, check_images,
@@ -19,6 +18,7 @@ from voc12.data import (ClassificationDataset, MultiScaleDataset, SegmentationDa
 from voc12.prepare import main as prepare_main
 from voc12.prepare import prepare_voc
 from voc12.synthetic import generate_dataset
+from workflow.datasets import DATASET_NAMES, get_dataset_info
 
 NUM_CLASSES = 4
 

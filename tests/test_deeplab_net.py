@@ -77,7 +77,7 @@ def test_head_initialisation_and_new_layers() -> None:
 
 def test_load_pretrained_backbone_fills_and_freezes_the_backbone_only(tmp_path) -> None:
     from network.resnet38 import FrozenBatchNorm2d, ResNet38
-    from tool.training import parameter_groups
+    from tool.optim import parameter_groups
 
     torch.manual_seed(1)
     classifier = ResNet38(width_mult=0.0625)

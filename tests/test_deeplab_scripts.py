@@ -16,9 +16,9 @@ import test_deeplab
 import train_deeplab
 from tests.helpers_resume import assert_resume_is_bit_exact, log_rows
 from tests.helpers_torchrun import assert_ranks_agree_with_checkpoint, train_on_two_ranks
-from tool.datasets import get_dataset_info
+from tool.checkpoint import read_checkpoint
 from tool.fileio import DataError, atomic_write_text, read_label_png, save_palette_png, save_rgb_image
-from tool.training import read_checkpoint
+from workflow.datasets import get_dataset_info
 
 SIZE = 32
 TRAIN_IDS = [f"img{i}" for i in range(4)]

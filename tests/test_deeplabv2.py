@@ -23,7 +23,8 @@ from tool import transforms as T
 from tool.crf import DEEPLABV2_TEST_CRF, dense_crf, wrapped_mean_subtracted
 from tool.distributed import DistInfo
 from tool.fileio import DataError
-from tool.training import PolyLR, build_trainer, make_sgd, parameter_groups
+from tool.optim import PolyLR, make_sgd, parameter_groups
+from tool.trainer import build_trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 NAMES = ("s1", "s050", "s075", "max")

@@ -6,7 +6,7 @@ import os
 import torch
 
 from tests.helpers_torchrun import run_torchrun
-from tool.training import read_checkpoint
+from tool.checkpoint import read_checkpoint
 
 
 def test_two_process_torchrun_keeps_ranks_identical(tmp_path):

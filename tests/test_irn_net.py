@@ -11,10 +11,10 @@ import torch
 from network.irn import (IRNet, boundary_training_terms, canonical_names, displacement_target,
                          inference_edge, pair_displacement, state_of_canonical)
 from network.weights import load_for_inference
-from tool.fileio import DataError
-from tool.path_index import PathIndex, edge_to_affinity
-from tool.training import make_sgd, parameter_groups
 from tests.reference_data import load_reference, portable_value, reference_path
+from tool.fileio import DataError
+from tool.optim import make_sgd, parameter_groups
+from tool.path_index import PathIndex, edge_to_affinity
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -12,11 +12,11 @@ from PIL import Image
 import make_ir_labels
 import make_seg_labels
 import train_irn
-from tool.cli import main_exit_code
-from tool.fileio import DataError, atomic_write_text, read_label_png, save_npy, save_rgb_image
-from tool.training import read_checkpoint
 from tests.helpers_resume import assert_resume_is_bit_exact, log_rows
 from tests.helpers_torchrun import assert_ranks_agree_with_checkpoint, train_on_two_ranks
+from tool.checkpoint import read_checkpoint
+from tool.cli import main_exit_code
+from tool.fileio import DataError, atomic_write_text, read_label_png, save_npy, save_rgb_image
 
 HEIGHT, WIDTH = 76, 84
 IDS = [f"img{i}" for i in range(4)]

@@ -11,7 +11,7 @@ import torch
 
 from network.methods import METHODS, build_network, build_optimizer, image_cams
 from network.weights import load_trained
-from tool.training import parameter_groups
+from tool.optim import parameter_groups
 
 NUM_CLASSES = 3
 SIZE = 32

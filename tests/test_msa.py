@@ -17,7 +17,7 @@ from network.msa import (IPC_VARIANTS, MSANet, affinity_propagation, cosine_affi
                          propagation_matrix, prototypes, reconstruct, tile_features)
 from network.spixel import SpixelNet
 from tests.reference_data import load_reference, portable_state_dict, portable_value, reference_msa_keys
-from tool.training import PolyLR
+from tool.optim import PolyLR
 
 
 def close(actual, expected: np.ndarray, atol: float = 1e-4, rtol: float = 1e-3) -> None:

@@ -16,13 +16,13 @@ import train_scn
 from network.msa import MSANet
 from network.spixel import SpixelNet
 from tests.helpers_resume import log_rows
-from tool.datasets import get_dataset_info
+from tool.checkpoint import read_checkpoint
 from tool.fileio import DataError, load_score_dict, read_id_list
-from tool.training import read_checkpoint
 from voc12.msa_data import MSAClassificationDataset, SpixelDataset
 from voc12.prepare import prepare_voc
 from voc12.saliency import STANDIN_NOTE, read_saliency_png, write_standins
 from voc12.synthetic import generate_dataset
+from workflow.datasets import get_dataset_info
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

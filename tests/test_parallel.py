@@ -14,12 +14,12 @@ import test_deeplab
 from network.avc import AVCNet
 from network.deeplab import DeepLabV1
 from tool.cli import main_exit_code
-from tool.datasets import get_dataset_info
 from tool.fileio import DataError, read_id_list
 from tool.multiscale import forward_views, forward_views_many
 from tool.parallel import WorkPlan, consecutive_groups, plan_workers, run_in_flight
 from voc12.prepare import prepare_voc
 from voc12.synthetic import generate_dataset
+from workflow.datasets import get_dataset_info
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

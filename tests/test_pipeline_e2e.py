@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tool.datasets import get_dataset_info
 from tool.fileio import read_label_png
 from tool.metrics import ConfusionMatrix
+from workflow.datasets import get_dataset_info
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGES = ("generate", "prepare", "train_avc", "infer_seed", "eval_seed", "refine_mask", "eval_crf", "train_aff",

@@ -4,7 +4,7 @@ import os
 import pytest
 
 import run_pipeline
-from tool.pipeline import PROFILES, Context, Paths, build_stages, profile_for_root
+from workflow.pipeline import PROFILES, Context, Paths, build_stages, profile_for_root
 
 
 def stage_names(profile_name: str, root: str, tmp_path) -> list[str]:

@@ -5,8 +5,8 @@ import os
 import pytest
 
 from tool.fileio import DataError
-from tool.pipeline import PROFILES, Context, Paths, build_stages
-from tool.report import collect_results
+from workflow.pipeline import PROFILES, Context, Paths, build_stages
+from workflow.report import collect_results
 
 
 def _context(tmp_path, refine: str, **extra) -> Context:

@@ -4,8 +4,8 @@ from __future__ import annotations
 import json
 
 import run_pipeline
-from tool.pipeline import PROFILES, Context, Paths, build_stages
-from tool.report import collect_results
+from workflow.pipeline import PROFILES, Context, Paths, build_stages
+from workflow.report import collect_results
 
 
 def _context(tmp_path, segmenter: str, title: str, weights: str | None = None) -> Context:

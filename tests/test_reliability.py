@@ -20,16 +20,18 @@ import train_avc
 from network.avc import AVCNet
 from network.weights import load_trained
 from tests import helpers_toy_train
+from tool.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 from tool.cli import main_exit_code
-from tool.datasets import get_dataset_info
+from tool.distributed import setup_distributed
 from tool.fileio import (DataError, atomic_write_text, check_images_decode, read_id_list,
                          save_npy, save_score_dict)
-from tool.pipeline import PROFILES, Context, Paths, Stage, marker_path, run_stages, stage_done, stale_stages
-from tool.distributed import setup_distributed
-from tool.training import NonFiniteLossError, Trainer, load_checkpoint, read_checkpoint, save_checkpoint
+from tool.nan_guard import NonFiniteLossError
+from tool.trainer import Trainer
 from voc12.data import check_images
 from voc12.prepare import prepare_voc
 from voc12.synthetic import generate_dataset
+from workflow.datasets import get_dataset_info
+from workflow.pipeline import PROFILES, Context, Paths, Stage, marker_path, run_stages, stage_done, stale_stages
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -16,11 +16,11 @@ import train_seed
 from network.sipe import SIPENet
 from network.weights import start_from_weights
 from tests.helpers_resume import log_rows
-from tool.datasets import get_dataset_info
+from tool.checkpoint import read_checkpoint
 from tool.fileio import DataError, load_score_dict, read_id_list
-from tool.training import read_checkpoint
 from voc12.prepare import prepare_voc
 from voc12.synthetic import generate_dataset
+from workflow.datasets import get_dataset_info
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -1,4 +1,4 @@
-"""Tests of tool/training.py, tool/cli.py and tool/logs.py (single process, CPU)."""
+"""Tests of tool/trainer, optim, sampler, checkpoint, cli and logs (single process, CPU)."""
 from __future__ import annotations
 
 import argparse
@@ -11,14 +11,18 @@ import torch
 from torch import nn
 
 from tests import helpers_toy_train
+from tool.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 from tool.cli import (add_dataset_args, add_model_args, add_shard_args, add_training_args, parse_shard,
                       run_cli, shard_list)
+from tool.device import seed_everything
 from tool.distributed import DistInfo, all_reduce_confusion, all_reduce_tensor, setup_distributed
 from tool.fileio import DataError
 from tool.logs import CsvLogger, save_config
-from tool.training import (EpochBatchSampler, NonFiniteLossError, PolyLR, Trainer, check_finite,
-                           load_checkpoint, make_sgd, parameter_groups, poly_factor, read_checkpoint,
-                           save_checkpoint, seed_everything)
+from tool.nan_guard import NonFiniteLossError, check_finite
+from tool.optim import PolyLR, make_sgd, parameter_groups, poly_factor
+from tool.sampler import EpochBatchSampler
+from tool.trainer import Trainer
+from workflow.datasets import DATASET_NAMES
 
 
 class ToyWithNewLayers(nn.Module):
@@ -273,7 +277,7 @@ def test_shard_list_partitions_ids():
 
 def test_shared_flags_and_defaults():
     parser = argparse.ArgumentParser()
-    add_dataset_args(parser)
+    add_dataset_args(parser, DATASET_NAMES)
     add_model_args(parser, width_mult=0.25)
     add_training_args(parser, batch_size=8, max_epoches=8, lr=0.01, wt_dec=5e-4, crop_size=448,
                       session_name="avc")

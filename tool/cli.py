@@ -11,7 +11,6 @@ import errno
 import sys
 from typing import Any, Callable, Sequence, TypeVar
 
-from tool.datasets import DATASET_NAMES
 from tool.fileio import DataError
 
 T = TypeVar("T")
@@ -38,14 +37,15 @@ non_negative_int = _checked_number(int, lambda value: value >= 0, "an integer >=
 positive_float = _checked_number(float, lambda value: value > 0, "a positive number", "positive_float")
 
 
-def add_dataset_args(parser: argparse.ArgumentParser, *, dataset: str = "voc12",
+def add_dataset_args(parser: argparse.ArgumentParser, names: Sequence[str], *, dataset: str = "voc12",
                      root: str | None = None) -> None:
     """``--dataset`` and ``--voc12_root`` (SEAM's name for the dataset root, any dataset).
 
     ``--data_root`` and ``--coco_root`` are aliases; the value lands in ``args.voc12_root``.
+    ``names`` are the accepted datasets (``workflow.datasets.DATASET_NAMES`` for the scripts).
     """
     group = parser.add_argument_group("dataset")
-    group.add_argument("--dataset", choices=DATASET_NAMES, default=dataset,
+    group.add_argument("--dataset", choices=tuple(names), default=dataset,
                        help=f"dataset layout (default {dataset})")
     group.add_argument("--voc12_root", "--data_root", "--coco_root", dest="voc12_root", default=root,
                        required=root is None, metavar="DIR",
@@ -194,7 +194,7 @@ def main_exit_code(main: Callable[[Sequence[str] | None], Any], argv: Sequence[s
         print(f"error: {describe_os_error(error)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except RuntimeError as error:
-        from tool.training import NonFiniteLossError  # imported late: not every script needs torch
+        from tool.nan_guard import NonFiniteLossError  # imported late: not every script needs torch
         if not isinstance(error, NonFiniteLossError):
             raise
         print(f"error: {error}", file=sys.stderr)

@@ -1,9 +1,11 @@
-"""Dataset registry: a dataset name and root become a :class:`DatasetInfo`.
+"""Where the files of a dataset live: :class:`DatasetInfo`, generic over every dataset.
 
 A ``DatasetInfo`` knows where an image, its ground-truth label PNG, the id lists and the
 image-level labels (``cls_labels.npy``) live, so the stages never build paths themselves.
 The lists and ``cls_labels.npy`` are written by the prepare step (``python -m voc12.prepare``
 or ``python -m coco14.prepare``) into the dataset root unless another folder is given.
+Each dataset package builds its own ``DatasetInfo`` (``voc12.layout.dataset_info``,
+``coco14.layout.dataset_info``); the registry from a name is ``workflow.datasets``.
 """
 from __future__ import annotations
 
@@ -12,11 +14,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from coco14 import layout as coco_layout
 from tool.fileio import DataError, load_npy_dict, read_id_list
-from voc12 import layout as voc_layout
 
-DATASET_NAMES: tuple[str, ...] = ("voc12", "coco14", "synthetic")
 SPLITS: tuple[str, ...] = ("train", "val", "train_aug", "test")
 CLS_LABELS_FILE = "cls_labels.npy"
 
@@ -32,9 +31,9 @@ class DatasetInfo:
     name: str
     root: str
     class_names: list[str]
-    image_dir: str = voc_layout.IMAGE_DIR
-    image_suffix: str = voc_layout.IMAGE_SUFFIX
-    label_dir: str = voc_layout.LABEL_DIR
+    image_dir: str
+    image_suffix: str
+    label_dir: str
     list_dir: str | None = None
     prepare_command: str = field(default="", repr=False)
 
@@ -94,35 +93,7 @@ class DatasetInfo:
         return result
 
 
-@dataclass
-class CocoDatasetInfo(DatasetInfo):
-    """COCO 2014: the image folder (train2014 / val2014) is the split named in the id."""
-
-    def image_path(self, image_id: str) -> str:
-        return coco_layout.image_path(self.root, image_id)
-
-
-def get_dataset_info(name: str, root: str, list_dir: str | None = None) -> DatasetInfo:
-    """The :class:`DatasetInfo` of ``name`` (one of ``DATASET_NAMES``) rooted at ``root``.
-
-    ``list_dir`` is where the prepare step wrote the lists and ``cls_labels.npy`` (default root).
-    """
-    if name == "voc12":
-        return DatasetInfo(name=name, root=root, class_names=list(voc_layout.VOC_CLASS_NAMES),
-                           label_dir=voc_layout.label_dir_name(root), list_dir=list_dir,
-                           prepare_command=_prepare_command("voc12.prepare --voc12_root", root, list_dir))
-    if name == "synthetic":
-        return DatasetInfo(name=name, root=root, class_names=voc_layout.read_class_names(root),
-                           label_dir=voc_layout.label_dir_name(root), list_dir=list_dir,
-                           prepare_command=_prepare_command("voc12.prepare --dataset synthetic --voc12_root",
-                                                            root, list_dir))
-    if name == "coco14":
-        return CocoDatasetInfo(name=name, root=root, class_names=list(coco_layout.COCO_CLASS_NAMES),
-                               image_dir="", label_dir=coco_layout.LABEL_DIR, list_dir=list_dir,
-                               prepare_command=_prepare_command("coco14.prepare --coco_root", root, list_dir))
-    raise ValueError(f"unknown dataset {name!r}; expected one of {DATASET_NAMES}")
-
-
-def _prepare_command(module_and_flag: str, root: str, list_dir: str | None) -> str:
+def prepare_command(module_and_flag: str, root: str, list_dir: str | None) -> str:
+    """The command line that writes the lists of ``root`` (named in the missing-file errors)."""
     command = f"python -m {module_and_flag} {root}"
     return command + (f" --out_dir {list_dir}" if list_dir else "")

@@ -15,7 +15,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from tool.training import autocast_context, images_to_device
+from tool.device import autocast_context, images_to_device
 
 ModelFn = Callable[[torch.Tensor], torch.Tensor]
 

@@ -12,7 +12,9 @@ The synthetic dataset (``voc12.synthetic``) uses the same layout plus ``class_na
 from __future__ import annotations
 
 import os
+from typing import Sequence
 
+from tool.datasets import DatasetInfo, prepare_command
 from tool.fileio import DataError
 
 VOC_CLASS_NAMES: tuple[str, ...] = (
@@ -26,6 +28,8 @@ IMAGE_SUFFIX = ".jpg"
 LABEL_DIR = "SegmentationClass"
 AUG_LABEL_DIR = "SegmentationClassAug"
 SPLIT_LIST_DIR = os.path.join("ImageSets", "Segmentation")
+# The dataset names of the VOC layout (the generated set included).
+VOC_LAYOUT_NAMES: tuple[str, ...] = ("voc12", "synthetic")
 # Written by the synthetic generator: one class name per line, background first.
 CLASS_NAMES_FILE = "class_names.txt"
 
@@ -63,3 +67,22 @@ def read_class_names(root: str) -> list[str]:
     if len(set(names)) != len(names):
         raise DataError(f"{path}: class names are not unique")
     return names
+
+
+def dataset_info(name: str, root: str, list_dir: str | None = None,
+                 class_names: Sequence[str] | None = None) -> DatasetInfo:
+    """The :class:`DatasetInfo` of a VOC-layout dataset (``voc12`` or ``synthetic``) at ``root``.
+
+    ``list_dir`` is where the prepare step wrote the lists and ``cls_labels.npy`` (default root).
+    The synthetic class names come from ``class_names.txt`` unless ``class_names`` gives them.
+    """
+    if name == "voc12":
+        names = list(class_names) if class_names is not None else list(VOC_CLASS_NAMES)
+        command = prepare_command("voc12.prepare --voc12_root", root, list_dir)
+    elif name == "synthetic":
+        names = list(class_names) if class_names is not None else read_class_names(root)
+        command = prepare_command("voc12.prepare --dataset synthetic --voc12_root", root, list_dir)
+    else:
+        raise ValueError(f"unknown VOC-layout dataset {name!r}; expected one of {VOC_LAYOUT_NAMES}")
+    return DatasetInfo(name=name, root=root, class_names=names, image_dir=IMAGE_DIR, image_suffix=IMAGE_SUFFIX,
+                       label_dir=label_dir_name(root), list_dir=list_dir, prepare_command=command)

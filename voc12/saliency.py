@@ -25,8 +25,8 @@ from tqdm import tqdm
 
 from tool.cli import add_dataset_args, run_cli
 from tool.contract import IGNORE_LABEL
-from tool.datasets import get_dataset_info
 from tool.fileio import DataError, atomic_write_bytes, atomic_write_text, read_id_list, read_label_png
+from voc12 import layout
 
 STANDIN_NOTE = "saliency stand-ins generated from the ground truth (pixel labels), not a saliency detector"
 
@@ -76,7 +76,7 @@ def standin_saliency(label: np.ndarray, rng: np.random.Generator, noise: float =
 def write_standins(root: str, ids: Sequence[str], out: str, dataset: str = "synthetic", seed: int = 0,
                    noise: float = 0.15) -> int:
     """Write ``<out>/<id>.png`` stand-ins for ``ids`` (image i draws from ``(seed, i)``)."""
-    info = get_dataset_info(dataset, root)
+    info = layout.dataset_info(dataset, root)
     os.makedirs(out, exist_ok=True)
     for index, image_id in enumerate(tqdm(ids, desc="saliency stand-ins", leave=False)):
         label = read_label_png(info.gt_path(image_id))
@@ -91,13 +91,13 @@ def write_standins(root: str, ids: Sequence[str], out: str, dataset: str = "synt
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_dataset_args(parser, dataset="synthetic")
+    add_dataset_args(parser, layout.VOC_LAYOUT_NAMES, dataset="synthetic")
     parser.add_argument("--out", required=True, help="folder for the stand-in saliency PNGs")
     parser.add_argument("--list", default=None, help="image ids (default: <root>/train_aug.txt)")
     parser.add_argument("--noise", type=float, default=0.15, help="std of the added Gaussian noise (0..1 scale)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    info = get_dataset_info(args.dataset, args.voc12_root)
+    info = layout.dataset_info(args.dataset, args.voc12_root)
     ids = read_id_list(args.list or info.list_path("train_aug"))
     count = write_standins(args.voc12_root, ids, args.out, args.dataset, args.seed, args.noise)
     print(f"wrote {count} {STANDIN_NOTE} to {args.out}")

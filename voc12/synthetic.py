@@ -29,7 +29,6 @@ from tqdm import tqdm
 
 from tool.cli import run_cli
 from tool.contract import IGNORE_LABEL
-from tool.datasets import get_dataset_info
 from tool.fileio import DataError, atomic_write_text, save_palette_png, save_rgb_image
 from voc12 import layout
 from voc12.prepare import prepare_voc
@@ -327,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     LOGGER.info("wrote %d + %d images of %d classes to %s", args.num_train, args.num_val,
                 args.num_classes, args.out)
     if args.prepare:
-        prepare_voc(get_dataset_info("synthetic", args.out))
+        prepare_voc(layout.dataset_info("synthetic", args.out))
     else:
         LOGGER.info("next: python -m voc12.prepare --dataset synthetic --voc12_root %s", args.out)
     return 0

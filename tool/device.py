@@ -1,0 +1,84 @@
+"""Where a model runs and the random state of a process.
+
+* ``unwrap_model`` / ``prepare_model``: the module inside DDP; device placement, channels_last
+  and DDP on CUDA, plain modules on CPU.
+* ``images_to_device`` / ``autocast_context``: batches on the device, bf16 autocast on CUDA.
+* ``seed_everything`` / ``rng_state`` / ``set_rng_state``: seeding and the RNG state a
+  checkpoint records for a bit-exact resume.
+"""
+from __future__ import annotations
+
+import contextlib
+import random
+from typing import Any, ContextManager, Mapping
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from tool.distributed import DistInfo
+
+
+# --------------------------------------------------------------------------- model helpers
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The module inside a DDP wrapper (the model itself otherwise)."""
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def images_to_device(images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A batch of images (N, C, H, W) on ``device``; channels_last on CUDA, as the models there."""
+    images = images.to(device, non_blocking=True)
+    if device.type == "cuda":
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images
+
+
+def autocast_context(device: torch.device | str, enabled: bool = True) -> ContextManager:
+    """bf16 autocast on CUDA (no loss scaling needed); nothing on CPU."""
+    device = torch.device(device)
+    if enabled and device.type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def prepare_model(model: nn.Module, dist: DistInfo) -> nn.Module:
+    """Move to the device; channels_last on CUDA; wrap in DDP when the run has several processes."""
+    model = model.to(dist.device)
+    if dist.device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    if dist.distributed:
+        device_ids = [dist.device.index] if dist.device.type == "cuda" else None
+        model = DistributedDataParallel(model, device_ids=device_ids)
+    return model
+
+
+# --------------------------------------------------------------------------- randomness
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (all devices). Call from main(), never at import."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's RNG states, as plain lists and tensors (loadable with weights_only)."""
+    np_state = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": {"name": np_state[0], "keys": np_state[1].tolist(), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+    }
+
+
+def set_rng_state(state: Mapping[str, Any]) -> None:
+    python_state = state["python"]
+    random.setstate((python_state[0], tuple(python_state[1]), python_state[2]))
+    np_state = state["numpy"]
+    np.random.set_state((np_state["name"], np.asarray(np_state["keys"], dtype=np.uint32),
+                         np_state["pos"], np_state["has_gauss"], np_state["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])

@@ -1,0 +1,1 @@
+"""The application: the stage list of run_pipeline.py, its report, and the dataset registry."""
