@@ -24,7 +24,6 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from network import build_model
@@ -35,17 +34,15 @@ from tool.cli import (add_dataset_args, add_inference_model_args, add_overwrite_
                       non_negative_int,
                       positive_float, positive_int, run_cli, shard_list)
 from tool.crf import SEED_CRF, dense_crf
-from tool.datasets import DatasetInfo
 from tool.device import images_to_device
 from tool.distributed import DistInfo, cleanup, setup_distributed
-from tool.fileio import (DataError, load_score_dict, read_id_list, read_rgb_image, require_files,
-                         save_palette_png)
+from tool.fileio import DataError, load_score_dict, read_id_list, read_rgb_image, save_palette_png
 from tool.logs import config_dict, save_config, setup_logging
 from tool.outputs import OutputRecord
 from tool.parallel import run_images
 from tool.random_walk import (FEATURE_STRIDE, AffinityGraph, padded_size, random_walk, random_walk_labels,
                               rw_scores_from_cam_dict)
-from voc12.data import check_images
+from voc12.data import CamDictDataset
 from workflow.datasets import DATASET_NAMES, get_dataset_info
 
 logger = logging.getLogger("infer_aff")
@@ -96,21 +93,9 @@ def pad_to_stride(normalized: np.ndarray, stride: int = FEATURE_STRIDE) -> np.nd
     return np.pad(normalized, ((0, padded_h - height), (0, padded_w - width), (0, 0)))
 
 
-class RandomWalkDataset(Dataset):
+class RandomWalkDataset(CamDictDataset):
     """``{"id", "image" (uint8 HxWx3), "input" (float32 3 x Hp x Wp, normalised, zero-padded),
     "cam_dict", "cam_path"}``; use :func:`voc12.data.collate_single` with ``batch_size=1``."""
-
-    def __init__(self, info: DatasetInfo, ids: Sequence[str], cam_dir: str, source: str | None = None) -> None:
-        self.info, self.ids, self.cam_dir = info, list(ids), cam_dir
-        check_images(info, self.ids, source)
-        require_files((self.cam_path(image_id) for image_id in self.ids), f"CAM dicts in {cam_dir}",
-                      source=source or info.root)
-
-    def cam_path(self, image_id: str) -> str:
-        return os.path.join(self.cam_dir, f"{image_id}.npy")
-
-    def __len__(self) -> int:
-        return len(self.ids)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         image_id = self.ids[index]

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from network.methods import METHODS, ImageCams, SeedMethod, build_network, image_cams_many
+from network.methods import METHODS, ImageCams, build_network, image_cams_many
 from network.msa import AP_STEPS, AP_THRESHOLD, MSANet, msa_cam_dict
 from network.spixel import SpixelNet
 from network.weights import load_for_inference, read_weights, saved_args
@@ -43,6 +43,7 @@ from tool.cli import (add_dataset_args, add_inference_model_args, add_overwrite_
                       non_negative_int, positive_float, run_cli, shard_list)
 from tool.contract import HIGH_ALPHA, LOW_ALPHA, crf_dir
 from tool.crf import write_crf_dicts
+from tool.datasets import DatasetInfo
 from tool.distributed import cleanup, setup_distributed
 from tool.fileio import DataError, read_id_list, save_npy, save_palette_png, save_rgb_image, save_score_dict
 from tool.logs import save_config, setup_logging
@@ -192,7 +193,7 @@ def write_seed_outputs(args: argparse.Namespace, num_classes: int, item: dict, c
     return image_id
 
 
-def msa_inference(args: argparse.Namespace, name: str, saved: dict, info, todo: list[str], infer_list: str,
+def msa_inference(args: argparse.Namespace, name: str, saved: dict, info: DatasetInfo, todo: list[str], infer_list: str,
                   loaded: object, device: torch.device):
     """The per-batch inference of an MSA checkpoint and its dataset (the full images: MSA resizes
     them itself, the evaluator's stretch)."""

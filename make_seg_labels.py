@@ -20,7 +20,7 @@ import os
 from typing import Any, Sequence
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from network.irn import INFERENCE_CROP, IRNet, inference_edge
@@ -31,12 +31,12 @@ from tool.cli import (add_dataset_args, add_inference_model_args, add_shard_args
 from tool.datasets import DatasetInfo
 from tool.device import images_to_device
 from tool.distributed import cleanup, setup_distributed
-from tool.fileio import load_score_dict, pending_ids, read_id_list, read_rgb_image, require_files, save_palette_png
+from tool.fileio import load_score_dict, pending_ids, read_id_list, read_rgb_image, save_palette_png
 from tool.ir_label import split_cam_dict
 from tool.irn_walk import SEG_LABEL_VARIANTS, seg_label
 from tool.logs import config_dict, save_config, setup_logging
 from tool.path_index import INFER_RADIUS
-from voc12.data import check_images, collate_single
+from voc12.data import CamDictDataset, collate_single
 from workflow.datasets import DATASET_NAMES, get_dataset_info
 
 logger = logging.getLogger("make_seg_labels")
@@ -64,21 +64,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-class SegLabelDataset(Dataset):
+class SegLabelDataset(CamDictDataset):
     """``{"id", "image_hw", "input" (float32 1 x 3 x H x W normalised), "cam_dict", "cam_path"}``."""
 
     def __init__(self, info: DatasetInfo, ids: Sequence[str], cam_dir: str, one_based: bool,
                  source: str | None = None) -> None:
-        self.info, self.ids, self.cam_dir, self.one_based = info, list(ids), cam_dir, one_based
-        check_images(info, self.ids, source)
-        require_files((self.cam_path(image_id) for image_id in self.ids), f"CAM dicts in {cam_dir}",
-                      source=source or info.root)
-
-    def cam_path(self, image_id: str) -> str:
-        return os.path.join(self.cam_dir, f"{image_id}.npy")
-
-    def __len__(self) -> int:
-        return len(self.ids)
+        super().__init__(info, ids, cam_dir, source)
+        self.one_based = one_based
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         image_id = self.ids[index]

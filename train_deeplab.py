@@ -39,7 +39,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from network.deeplabv2 import to_input_convention
-from network.segmenters import ALIASES, SEGMENTERS, Segmenter, get_segmenter, segmentation_loss  # noqa: F401
+from network.segmenters import ALIASES, SEGMENTERS, Segmenter, get_segmenter
 from tool.cli import (add_dataset_args, add_model_args, add_training_args, non_negative_int,
                       positive_float, positive_int, run_cli, shard_list)
 from tool.datasets import DatasetInfo

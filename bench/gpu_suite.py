@@ -35,7 +35,7 @@ Stages (``STAGES``: name -> function; each runs the project's own code):
   (``tool.random_walk.random_walk``) on the GPU and on the CPU, and the dense matrix power
   (``bench.dense_rw_baseline``) where its N x N matrices fit; label agreement.
 * ``deeplab_train``: DeepLabV1 training step (``SegmentationDataset`` batches,
-  ``train_deeplab.segmentation_loss``, the Trainer), crop 448, batch 10.
+  ``network.segmenters.segmentation_loss``, the Trainer), crop 448, batch 10.
 * ``deeplab_test``: DeepLabV1 test (6 scales + flip, ``test_deeplab.predict_probabilities``).
 * ``ddp_step``: one 2-process ``torchrun`` training step (AVC, and DeepLab with SyncBatchNorm)
   on the one GPU with NCCL; if NCCL refuses two processes on one GPU, one process. On CPU:
@@ -108,7 +108,7 @@ from network.deeplab import DEEPLAB_BN_MOMENTUM, DeepLabV1
 from network.irn import INFERENCE_CROP, IRNet, boundary_training_terms, inference_edge
 from network.methods import METHODS, build_network, image_cams
 from network.msa import IPC_WEIGHT, IPC_VARIANTS, MSANet, msa_losses, msa_optimizer
-from network.segmenters import SEGMENTERS
+from network.segmenters import SEGMENTERS, segmentation_loss
 from network.spixel import SpixelNet
 from make_seg_labels import SegLabelDataset
 from test_deeplab import DEFAULT_SCALES as DEEPLAB_TEST_SCALES, multiscale_views, predict_probabilities
@@ -129,7 +129,7 @@ from tool.irn_walk import SEG_LABEL_VARIANTS, seg_label
 from tool.path_index import INFER_RADIUS
 from tool.sampler import EpochBatchSampler, make_loader
 from tool.trainer import build_trainer
-from train_deeplab import accumulate_step, segmentation_loss
+from train_deeplab import accumulate_step
 from train_deeplab import build_model as build_deeplab
 from train_irn import LOSS_TERMS as IRN_LOSS_TERMS
 from train_msa import LOSS_TERMS as MSA_LOSS_TERMS

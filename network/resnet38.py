@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from network.layers import FrozenBatchNorm2d, replace_batchnorms, scaled_channels
+from network.layers import replace_batchnorms, scaled_channels
 
 # Top-level modules that make up the backbone; heads of subclasses are everything else.
 BACKBONE_MODULES: Tuple[str, ...] = (

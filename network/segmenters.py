@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from network.deeplab import DEEPLAB_BN_MOMENTUM, DeepLabV1
-from network.deeplabv2 import DeepLabV2MSC, to_input_convention
+from network.deeplabv2 import DeepLabV2MSC
 from network.weights import DEEPLABV2_INITS, load_deeplabv2_init, start_from_weights
 from tool.contract import IGNORE_LABEL
 from tool.crf import DEEPLAB_TEST_CRF, DEEPLABV2_TEST_CRF, CrfParams

@@ -76,7 +76,8 @@ def test_head_initialisation_and_new_layers() -> None:
 
 
 def test_load_pretrained_backbone_fills_and_freezes_the_backbone_only(tmp_path) -> None:
-    from network.resnet38 import FrozenBatchNorm2d, ResNet38
+    from network.layers import FrozenBatchNorm2d
+    from network.resnet38 import ResNet38
     from tool.optim import parameter_groups
 
     torch.manual_seed(1)

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from network.resnet38 import FrozenBatchNorm2d, ResNet38
+from network.layers import FrozenBatchNorm2d
+from network.resnet38 import ResNet38
 from tests.reference_data import load_reference, portable_state_dict, reference_keys
 
 

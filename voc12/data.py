@@ -137,6 +137,24 @@ class MultiScaleDataset(Dataset):
                 "label": torch.from_numpy(self.cls_labels[image_id])}
 
 
+class CamDictDataset(Dataset):
+    """Base of the datasets that pair each listed image with its CAM dict in ``cam_dir``: every
+    image must exist and decode, every CAM dict exist, before the first item (subclasses build
+    the items)."""
+
+    def __init__(self, info: DatasetInfo, ids: Sequence[str], cam_dir: str, source: str | None = None) -> None:
+        self.info, self.ids, self.cam_dir = info, list(ids), cam_dir
+        check_images(info, self.ids, source)
+        require_files((self.cam_path(image_id) for image_id in self.ids), f"CAM dicts in {cam_dir}",
+                      source=source or info.root)
+
+    def cam_path(self, image_id: str) -> str:
+        return os.path.join(self.cam_dir, f"{image_id}.npy")
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
 def collate_single(batch: list[Any]) -> Any:
     """Collate for ``batch_size=1``: the item itself (views of different sizes cannot stack)."""
     if len(batch) != 1:
