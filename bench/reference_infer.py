@@ -35,7 +35,8 @@ from bench.unbatched_views import forward_views_unbatched
 from network.affinity import AffinityNet
 from network.avc import AVCNet
 from network.deeplab import DeepLabV1
-from network.methods import fuse_seam_views
+from network.methods import METHODS, fuse_seam_views
+from network.segmenters import SEGMENTERS
 from network.weights import load_for_inference
 from tool.cli import run_cli
 from tool.fileio import read_id_list
@@ -65,7 +66,8 @@ def seed(argv: Sequence[str]) -> None:
     args = infer_seed.parse_args(argv)
     info = get_dataset_info(args.dataset, args.voc12_root)
     ids = read_id_list(args.infer_list)
-    dataset = MultiScaleDataset(info, ids, info.load_cls_labels(), scales=args.scales, source=args.infer_list)
+    dataset = MultiScaleDataset(info, ids, info.load_cls_labels(), scales=args.scales or METHODS["avc"].scales,
+                                source=args.infer_list)
     model = load_for_inference(lambda width: AVCNet(num_classes=info.num_classes, width_mult=width),
                                args.weights, args.width_mult, CPU)
     with ThreadPool(max(1, args.num_workers)) as pool:
@@ -80,7 +82,9 @@ def deeplab(argv: Sequence[str]) -> None:
     args = test_deeplab.parse_args(argv)
     info = get_dataset_info(args.dataset, args.voc12_root)
     ids = read_id_list(args.infer_list)
-    dataset = test_deeplab.DeepLabTestDataset(info, ids, args.scales, args.flip, source=args.infer_list)
+    recipe = SEGMENTERS["deeplabv1_resnet38"].test  # the seamv1 test this baseline reproduces
+    dataset = test_deeplab.DeepLabTestDataset(info, ids, args.scales or recipe.scales,
+                                              recipe.flip if args.flip is None else args.flip, source=args.infer_list)
     model = load_for_inference(lambda width: DeepLabV1(num_classes=info.num_classes, width_mult=width),
                                args.weights, args.width_mult, CPU)
     with ThreadPool(max(1, args.num_workers)) as pool:
