@@ -27,7 +27,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -194,7 +194,8 @@ def write_seed_outputs(args: argparse.Namespace, num_classes: int, item: dict, c
 
 
 def msa_inference(args: argparse.Namespace, name: str, saved: dict, info: DatasetInfo, todo: list[str], infer_list: str,
-                  loaded: object, device: torch.device):
+                  loaded: object, device: torch.device
+                  ) -> tuple[Callable[[list[dict]], list[tuple[ImageCams, None]]], MultiScaleDataset]:
     """The per-batch inference of an MSA checkpoint and its dataset (the full images: MSA resizes
     them itself, the evaluator's stretch)."""
     spixel_weights = args.spixel_weights or saved.get("spixel_weights")
