@@ -29,7 +29,7 @@ from workflow.datasets import DATASET_NAMES, get_dataset_info
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_dataset_args(parser, DATASET_NAMES)
-    add_inference_model_args(parser)
+    add_inference_model_args(parser, precision=False)
     parser.add_argument("--weights", required=True, help="trained superpixel FCN (train_scn.py)")
     parser.add_argument("--infer_list", default=None, help="image ids (default: <root>/train.txt)")
     parser.add_argument("--tolerance", type=non_negative_int, default=2, help="pixels (default 2)")

@@ -34,7 +34,7 @@ from tool.cli import (add_dataset_args, add_inference_model_args, add_overwrite_
                       non_negative_int,
                       positive_float, positive_int, run_cli, shard_list)
 from tool.crf import SEED_CRF, dense_crf
-from tool.device import images_to_device
+from tool.device import images_to_device, inference_autocast, inference_layout, resolve_precision
 from tool.distributed import DistInfo, cleanup, setup_distributed
 from tool.fileio import DataError, load_score_dict, read_id_list, read_rgb_image, save_palette_png
 from tool.logs import config_dict, save_config, setup_logging
@@ -128,7 +128,7 @@ def walk_scores(model: AffinityNet, item: dict[str, Any], num_classes: int, args
     image_hw = item["image"].shape[:2]
     x = images_to_device(item["input"][None], device)
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), inference_autocast(device, args.precision):
             graph: AffinityGraph = model.affinity_graph(x)
     except ValueError as error:  # a map too small for any pair
         raise DataError(f"{item['id']}: image {image_hw[0]}x{image_hw[1]} is too small for the walk ({error})") \
@@ -163,6 +163,7 @@ def run(args: argparse.Namespace) -> int:
     dist, device = resolve_device(args)
     try:
         setup_logging(os.path.join(args.out_rw, "infer_aff.log"), dist.is_main)
+        args.precision = resolve_precision(args.precision, device)  # recorded with the outputs
         record = OutputRecord("infer_aff", args, lambda image_id: [os.path.join(args.out_rw, f"{image_id}.png")])
         if dist.is_main:
             save_config(args, os.path.join(args.out_rw, "infer_aff_config.json"))
@@ -177,6 +178,7 @@ def run(args: argparse.Namespace) -> int:
         dataset = RandomWalkDataset(info, todo, args.cam_dir, source=infer_list)
         model = load_for_inference(lambda width: build_model("affinity", width_mult=width, radius=args.radius),
                                    args.weights, args.width_mult, device)
+        model = inference_layout(model, device, args.precision)
 
         results = run_images(dataset, lambda items: [walk_scores(model, items[0], info.num_classes, args, device)],
                              functools.partial(write_rw_label, args), device=device, threads=args.threads,

@@ -44,6 +44,7 @@ from tool.cli import (add_dataset_args, add_inference_model_args, add_overwrite_
 from tool.contract import HIGH_ALPHA, LOW_ALPHA, crf_dir
 from tool.crf import write_crf_dicts
 from tool.datasets import DatasetInfo
+from tool.device import inference_autocast, inference_layout, resolve_precision
 from tool.distributed import cleanup, setup_distributed
 from tool.fileio import DataError, read_id_list, save_npy, save_palette_png, save_rgb_image, save_score_dict
 from tool.logs import save_config, setup_logging
@@ -202,17 +203,19 @@ def msa_inference(args: argparse.Namespace, name: str, saved: dict, info: Datase
     if not spixel_weights:
         raise DataError(f"{args.weights}: an MSA checkpoint needs its superpixel FCN: give --spixel_weights")
     widened = args.widened or bool(saved.get("widened", False))
-    model = load_for_inference(lambda width: MSANet(info.num_classes, width, widened=widened), args.weights,
-                               args.width_mult, device, loaded=loaded)
-    spixel = load_for_inference(SpixelNet, spixel_weights, None, device)
+    model = inference_layout(load_for_inference(lambda width: MSANet(info.num_classes, width, widened=widened),
+                                                args.weights, args.width_mult, device, loaded=loaded),
+                             device, args.precision)
+    spixel = inference_layout(load_for_inference(SpixelNet, spixel_weights, None, device), device, args.precision)
     logger.info("%s from %s, superpixels from %s", name, args.weights, spixel_weights)
     dataset = MultiScaleDataset(info, todo, info.load_cls_labels(), scales=(), source=infer_list)
     sum_at = "image" if name == "msa" else "saliency"
 
     def infer(items: list[dict]) -> list[tuple[ImageCams, None]]:
-        return [(ImageCams(msa_cam_dict(model, spixel, item["image"], item["label"].numpy(),
-                                        args.scales or MSA_SCALES, device, args.ap_steps, args.ap_threshold,
-                                        sum_at)), None) for item in items]
+        with inference_autocast(device, args.precision):
+            return [(ImageCams(msa_cam_dict(model, spixel, item["image"], item["label"].numpy(),
+                                            args.scales or MSA_SCALES, device, args.ap_steps, args.ap_threshold,
+                                            sum_at)), None) for item in items]
     return infer, dataset
 
 
@@ -220,6 +223,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     dist = setup_distributed()
     try:
+        args.precision = resolve_precision(args.precision, dist.device)  # recorded with the outputs
         log_dir = args.log_dir or next(p for p in (args.out_cam, args.out_cam_pred, args.out_crf, args.out_vis,
                                                    args.out_is_cam, args.out_cam_bg) if p)
         setup_logging(os.path.join(log_dir, "infer_seed.log"), dist.is_main)
@@ -246,15 +250,18 @@ def main(argv: Sequence[str] | None = None) -> None:
             backbone = saved.get("backbone") or method.backbones[0]
             model = load_for_inference(lambda width: build_network(method, info.num_classes, backbone, width),
                                        args.weights, args.width_mult, dist.device, loaded=loaded)
+            model = inference_layout(model, dist.device, args.precision)
             logger.info("%s (%s) from %s", method.name, backbone, args.weights)
             dataset = MultiScaleDataset(info, todo, info.load_cls_labels(), scales=args.scales or method.scales,
                                         source=infer_list)
             picture_affinity = bool(args.out_vis) and method.fusion == "seam"
 
             def infer(items: list[dict]) -> list[tuple[ImageCams, tuple | None]]:
-                cams = image_cams_many(method, model, [item["views"] for item in items],
-                                       [item["label"].numpy() for item in items],
-                                       [item["image"].shape[:2] for item in items], dist.device, args.seam_cam_norm)
+                with inference_autocast(dist.device, args.precision):
+                    cams = image_cams_many(method, model, [item["views"] for item in items],
+                                           [item["label"].numpy() for item in items],
+                                           [item["image"].shape[:2] for item in items], dist.device,
+                                           args.seam_cam_norm, amp=args.precision == "bf16")
                 return [(image_cams, pcm_affinity(model, item, dist.device) if picture_affinity else None)
                         for item, image_cams in zip(items, cams)]
 

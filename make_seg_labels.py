@@ -29,7 +29,7 @@ from tool import transforms as T
 from tool.cli import (add_dataset_args, add_inference_model_args, add_shard_args, non_negative_int, positive_float,
                       positive_int, run_cli, shard_list)
 from tool.datasets import DatasetInfo
-from tool.device import images_to_device
+from tool.device import images_to_device, inference_autocast, inference_layout, resolve_precision
 from tool.distributed import cleanup, setup_distributed
 from tool.fileio import load_score_dict, pending_ids, read_id_list, read_rgb_image, save_palette_png
 from tool.ir_label import split_cam_dict
@@ -86,6 +86,7 @@ def run(args: argparse.Namespace) -> int:
     """Write the PNGs of this process's part of the list; returns the number written."""
     dist = setup_distributed()
     try:
+        args.precision = resolve_precision(args.precision, dist.device)
         setup_logging(os.path.join(args.out_dir, "make_seg_labels.log"), dist.is_main)
         if dist.is_main:
             save_config(args, os.path.join(args.out_dir, "make_seg_labels_config.json"))
@@ -100,10 +101,11 @@ def run(args: argparse.Namespace) -> int:
             return 0
         dataset = SegLabelDataset(info, todo, args.cam_dir, variant.own_background, source=infer_list)
         model = load_for_inference(lambda width: IRNet(width_mult=width), args.weights, args.width_mult, dist.device)
+        model = inference_layout(model, dist.device, args.precision)
         loader = DataLoader(dataset, batch_size=1, collate_fn=collate_single, num_workers=args.num_workers)
         for item in tqdm(loader, desc="IRN masks", disable=not dist.is_main, dynamic_ncols=True):
             image_hw = tuple(item["image_hw"])
-            with torch.inference_mode():
+            with torch.inference_mode(), inference_autocast(dist.device, args.precision):
                 edge = inference_edge(model, images_to_device(item["input"], dist.device), args.crop_size)
             class_ids, cams, background = split_cam_dict(item["cam_dict"], variant.own_background, image_hw,
                                                          source=item["cam_path"])

@@ -50,6 +50,7 @@ from tool.cli import (add_dataset_args, add_inference_model_args, add_overwrite_
                       non_negative_int, positive_float, run_cli, shard_list)
 from tool.crf import DEEPLAB_TEST_CRF, CrfParams, dense_crf, wrapped_mean_subtracted
 from tool.datasets import DatasetInfo
+from tool.device import inference_autocast, inference_layout, resolve_precision
 from tool.distributed import barrier, cleanup, setup_distributed
 from tool.fileio import read_id_list, read_rgb_image, save_palette_png
 from tool.logs import setup_logging
@@ -206,8 +207,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num_workers", type=non_negative_int, default=2,
                         help="data loader workers of the batched (CUDA) path and of the evaluation (default 2)")
     add_parallel_args(parser)
-    parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
-                        help="bf16 autocast on CUDA (ignored on CPU)")
     add_overwrite_arg(parser)
     return parser
 
@@ -246,6 +245,7 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
     dist = setup_distributed()
     try:
         setup_logging(None, dist.is_main)
+        args.precision = resolve_precision(args.precision, dist.device)  # recorded with the outputs
         info = get_dataset_info(args.dataset, args.voc12_root)
         shard_ids = shard_list(read_id_list(args.infer_list), args.shard, None)
         my_ids = shard_list(shard_ids, None, dist)
@@ -259,13 +259,16 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
             flip = segmenter.test.flip if args.flip is None else args.flip
             model = load_for_inference(segmenter.build_for_inference(info.num_classes), args.weights,
                                        args.width_mult, dist.device)
+            model = inference_layout(model, dist.device, args.precision)
             crf_mode = "reference" if args.crf_image == "reference" else segmenter.test.crf_channels
             dataset = DeepLabTestDataset(info, todo, scales, flip, source=args.infer_list)
 
             def infer(items: list[dict[str, Any]]) -> list[np.ndarray]:
-                return predict_probabilities_many(model, [item["views"] for item in items],
-                                                  [item["image"].shape[:2] for item in items], dist.device, args.amp,
-                                                  segmenter.test.align_corners, convention)
+                with inference_autocast(dist.device, args.precision):
+                    return predict_probabilities_many(model, [item["views"] for item in items],
+                                                      [item["image"].shape[:2] for item in items], dist.device,
+                                                      args.precision == "bf16", segmenter.test.align_corners,
+                                                      convention)
 
             finish = functools.partial(write_prediction, args, crf_mode=crf_mode, crf_params=segmenter.test.crf)
             results = run_images(dataset, infer, finish, device=dist.device, threads=args.threads,

@@ -33,6 +33,7 @@ from PIL import Image
 from network.affinity import AffinityNet
 from network.avc import AVCNet
 from network.deeplab import DeepLabV1
+from tool.device import resolve_precision
 from voc12.prepare import prepare_voc
 from voc12.synthetic import generate_dataset
 from workflow.datasets import get_dataset_info
@@ -70,10 +71,17 @@ def stage_flags(stage: str, paths: dict[str, str], out: str, num_workers: int) -
                      "--device", "cpu"]
 
 
+# The ways compared: the reference scheduling (float32, as the reference scripts), our script with
+# its default precision (auto: bf16 on a CPU with native bf16, tool.device.resolve_precision) and,
+# with --fp32, our script in float32 (the reference's precision: outputs to float tolerance).
+WAYS = ("reference", "ours", "ours_fp32")
+
+
 def command(stage: str, way: str, flags: Sequence[str]) -> list[str]:
     if way == "reference":
         return [sys.executable, "-m", "bench.reference_infer", stage, *flags]
-    return [sys.executable, SCRIPTS[stage], *flags]
+    precision = ["--precision", "fp32"] if way == "ours_fp32" else []
+    return [sys.executable, SCRIPTS[stage], *flags, *precision]
 
 
 def timed_run(argv: Sequence[str]) -> tuple[float, float]:
@@ -114,7 +122,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--num_workers", type=int, default=2,
                         help="the reference's loader workers and view threads (SEAM --num_workers)")
+    parser.add_argument("--fp32", action="store_true",
+                        help="also time our scripts with --precision fp32 (the reference's precision)")
     args = parser.parse_args(argv)
+    ways = [way for way in WAYS if way != "ours_fp32" or args.fp32]
     cores = len(os.sched_getaffinity(0))
     with tempfile.TemporaryDirectory(prefix="bench_parallel_") as work:
         paths = make_inputs(work, args.num_images, args.image_size, args.width_mult)
@@ -124,12 +135,13 @@ def main(argv: Sequence[str] | None = None) -> None:
                                                                args.num_workers)),
                            cwd=REPO, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         print(f"{args.num_images} synthetic images {args.image_size} px, width {args.width_mult}, {cores} cores, "
-              f"min of {args.repeats} alternating runs")
-        print("| stage | reference way: wall s (CPU s, util) | ours: wall s (CPU s, util) | ours / reference | "
-              "load (1 min) during the runs | outputs |")
+              f"min of {args.repeats} alternating runs; ours = precision auto ({resolve_precision('auto', 'cpu')} "
+              f"here)")
+        print("| stage | way | wall s (CPU s, utilisation) | / reference | load (1 min) during the runs | "
+              "outputs against the reference way |")
         print("|---|---|---|---|---|---|")
         for stage in args.stages:
-            runs: dict[str, list[tuple[float, float]]] = {"reference": [], "ours": []}
+            runs: dict[str, list[tuple[float, float]]] = {way: [] for way in ways}
             loads = []
             for _ in range(args.repeats):
                 for way in runs:
@@ -138,11 +150,12 @@ def main(argv: Sequence[str] | None = None) -> None:
                     loads.append(os.getloadavg()[0])
                     runs[way].append(timed_run(command(stage, way, stage_flags(stage, paths, out, args.num_workers))))
             best = {way: min(times) for way, times in runs.items()}
-            cells = [f"{wall:.2f} ({cpu:.1f} CPU s, {cpu / wall:.2f})" for wall, cpu in best.values()]
-            ratio = best["ours"][0] / best["reference"][0]
-            agreement = compare_outputs(stage, os.path.join(work, stage, "reference"), os.path.join(work, stage, "ours"))
-            print(f"| {stage} | {cells[0]} | {cells[1]} | **{ratio:.2f}** | "
-                  f"{min(loads):.2f}-{max(loads):.2f} | {agreement} |", flush=True)
+            for way, (wall, cpu) in best.items():
+                ratio = "" if way == "reference" else f"**{wall / best['reference'][0]:.2f}**"
+                agreement = "" if way == "reference" else compare_outputs(
+                    stage, os.path.join(work, stage, "reference"), os.path.join(work, stage, way))
+                print(f"| {stage} | {way} | {wall:.2f} ({cpu:.1f} CPU s, {cpu / wall:.2f}) | {ratio} | "
+                      f"{min(loads):.2f}-{max(loads):.2f} | {agreement} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ functions are reused), scheduled as the reference code does it:
 - ``rw``: PSA/SEAM ``infer_aff.py`` - a DataLoader, one image at a time, the walk and the CRF
   inline (our sparse walk in both, so the comparison measures the scheduling only).
 
-torch keeps its default thread count, as in the reference scripts::
+torch keeps its default thread count and float32, as in the reference scripts::
 
     python -m bench.reference_infer seed <infer_seed.py flags>
     python -m bench.reference_infer deeplab <test_deeplab.py flags>
@@ -96,6 +96,7 @@ def deeplab(argv: Sequence[str]) -> None:
 
 def rw(argv: Sequence[str]) -> None:
     args = infer_aff.parse_args(argv)
+    args.precision = "fp32"  # the reference's
     info = get_dataset_info(args.dataset, args.voc12_root)
     ids = read_id_list(args.infer_list)
     dataset = infer_aff.RandomWalkDataset(info, ids, args.cam_dir, source=args.infer_list)

@@ -215,20 +215,22 @@ class ImageCams:
 
 
 def image_cams(method: SeedMethod, model: nn.Module, views: Sequence[torch.Tensor], label: np.ndarray,
-               image_hw: tuple[int, int], device: torch.device, seam_cam_norm: bool = False) -> ImageCams:
-    """Multi-scale + flip CAMs of one image, fused the way ``method.fusion`` says."""
-    return image_cams_many(method, model, [views], [label], [image_hw], device, seam_cam_norm)[0]
+               image_hw: tuple[int, int], device: torch.device, seam_cam_norm: bool = False,
+               amp: bool = True) -> ImageCams:
+    """Multi-scale + flip CAMs of one image, fused the way ``method.fusion`` says; ``amp``: bf16 on
+    CUDA (a CPU forward is bf16 inside ``tool.device.inference_autocast``)."""
+    return image_cams_many(method, model, [views], [label], [image_hw], device, seam_cam_norm, amp)[0]
 
 
 def image_cams_many(method: SeedMethod, model: nn.Module, views_per_image: Sequence[Sequence[torch.Tensor]],
                     labels: Sequence[np.ndarray], image_sizes: Sequence[tuple[int, int]], device: torch.device,
-                    seam_cam_norm: bool = False) -> list[ImageCams]:
+                    seam_cam_norm: bool = False, amp: bool = True) -> list[ImageCams]:
     """:func:`image_cams` of several images; the SEAM fusion shares one forward per view shape
     across the images (the batched GPU path), SIPE's runs image by image."""
     if method.fusion == "sipe":
         results = []
         for views, label, image_hw in zip(views_per_image, labels, image_sizes):
-            keys, fused = sipe_image_cams(model, views, torch.from_numpy(np.asarray(label)), image_hw, device)
+            keys, fused = sipe_image_cams(model, views, torch.from_numpy(np.asarray(label)), image_hw, device, amp)
             keys, fused = keys.numpy().astype(np.int64), fused.numpy().astype(np.float32)
             cam_dict = {int(k) - 1: np.ascontiguousarray(fused[i]) for i, k in enumerate(keys) if k > 0}
             results.append(ImageCams(cam_dict, keys, fused))
@@ -237,7 +239,7 @@ def image_cams_many(method: SeedMethod, model: nn.Module, views_per_image: Seque
     def class_cams(batch: torch.Tensor) -> torch.Tensor:
         return model.forward_cam(batch)[:, 1:]  # drop the background channel, as SEAM
 
-    maps = forward_views_many(class_cams, views_per_image, image_sizes, align_corners=False, device=device)
+    maps = forward_views_many(class_cams, views_per_image, image_sizes, align_corners=False, device=device, amp=amp)
     return [fuse_seam_views(view_cams.float().cpu().numpy(), label, seam_cam_norm)
             for view_cams, label in zip(maps, labels)]
 

