@@ -6,8 +6,9 @@ reference, logits averaged), affinity ``1 - max boundary`` along radius-5 paths,
 (resized to the stride-4 grid) masked by ``1 - boundary`` and walked ``2^logt`` steps over
 ``affinity^beta`` (sparse: never an N x N matrix), x4, global max, the variant's background
 rule (``irn``: constant 0.25; ``sipe`` / ``ae_sipe``: the method's own background, CAMs ^ 1.5),
-arg-max. Output: ``<out_dir>/<id>.png`` (palette). Existing PNGs are skipped; ``--shard K/N``
-and torchrun split the list.
+arg-max. Output: ``<out_dir>/<id>.png`` (palette). PNGs made with the same settings are skipped
+(other settings are refused, ``--overwrite`` redoes them); ``--shard K/N`` and torchrun split the
+list; on CPU one image is in flight per core, boundary and walk included (``tool/parallel.py``).
 
     python make_seg_labels.py --weights checkpoints/resnet50_irn.pth --voc12_root VOC2012 \\
         --cam_dir out/cam --out_dir out/irn_masks
@@ -20,23 +21,24 @@ import os
 from typing import Any, Sequence
 
 import torch
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from network.irn import INFERENCE_CROP, IRNet, inference_edge
 from network.weights import load_for_inference
 from tool import transforms as T
-from tool.cli import (add_dataset_args, add_inference_model_args, add_shard_args, non_negative_int, positive_float,
-                      positive_int, run_cli, shard_list)
+from tool.cli import (add_dataset_args, add_inference_model_args, add_overwrite_arg, add_parallel_args, add_shard_args,
+                      non_negative_int, positive_float, positive_int, run_cli, shard_list)
 from tool.datasets import DatasetInfo
 from tool.device import images_to_device, inference_autocast, inference_layout, resolve_precision
 from tool.distributed import cleanup, setup_distributed
-from tool.fileio import load_score_dict, pending_ids, read_id_list, read_rgb_image, save_palette_png
+from tool.fileio import load_score_dict, read_id_list, read_rgb_image, save_palette_png
 from tool.ir_label import split_cam_dict
 from tool.irn_walk import SEG_LABEL_VARIANTS, seg_label
 from tool.logs import config_dict, save_config, setup_logging
+from tool.outputs import OutputRecord
+from tool.parallel import run_images
 from tool.path_index import INFER_RADIUS
-from voc12.data import CamDictDataset, collate_single
+from voc12.data import CamDictDataset
 from workflow.datasets import DATASET_NAMES, get_dataset_info
 
 logger = logging.getLogger("make_seg_labels")
@@ -60,7 +62,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--crop_size", type=positive_int, default=INFERENCE_CROP,
                         help="images are zero-padded to this size before the network (default 512; "
                              "GroupNorm sees the padding)")
-    parser.add_argument("--num_workers", type=non_negative_int, default=4, help="image-reading workers")
+    parser.add_argument("--num_workers", type=non_negative_int, default=4,
+                        help="image-reading workers of the CUDA path")
+    add_parallel_args(parser, batching=False)
+    add_overwrite_arg(parser)
     return parser.parse_args(argv)
 
 
@@ -86,8 +91,9 @@ def run(args: argparse.Namespace) -> int:
     """Write the PNGs of this process's part of the list; returns the number written."""
     dist = setup_distributed()
     try:
-        args.precision = resolve_precision(args.precision, dist.device)
+        args.precision = resolve_precision(args.precision, dist.device)  # recorded with the outputs
         setup_logging(os.path.join(args.out_dir, "make_seg_labels.log"), dist.is_main)
+        record = OutputRecord("make_seg_labels", args, lambda image_id: [os.path.join(args.out_dir, f"{image_id}.png")])
         if dist.is_main:
             save_config(args, os.path.join(args.out_dir, "make_seg_labels_config.json"))
         logger.info("configuration: %s", config_dict(args))
@@ -95,23 +101,31 @@ def run(args: argparse.Namespace) -> int:
         variant = SEG_LABEL_VARIANTS[args.variant]
         infer_list = args.infer_list or info.list_path("train")
         ids = shard_list(read_id_list(infer_list), args.shard, dist)
-        todo = pending_ids(ids, lambda image_id: [os.path.join(args.out_dir, f"{image_id}.png")])
+        todo = record.start(ids)
         logger.info("%d of %d images to do (%d already done)", len(todo), len(ids), len(ids) - len(todo))
         if not todo:
             return 0
         dataset = SegLabelDataset(info, todo, args.cam_dir, variant.own_background, source=infer_list)
         model = load_for_inference(lambda width: IRNet(width_mult=width), args.weights, args.width_mult, dist.device)
         model = inference_layout(model, dist.device, args.precision)
-        loader = DataLoader(dataset, batch_size=1, collate_fn=collate_single, num_workers=args.num_workers)
-        for item in tqdm(loader, desc="IRN masks", disable=not dist.is_main, dynamic_ncols=True):
-            image_hw = tuple(item["image_hw"])
+
+        def infer(items: list[dict[str, Any]]) -> list[torch.Tensor]:
             with torch.inference_mode(), inference_autocast(dist.device, args.precision):
-                edge = inference_edge(model, images_to_device(item["input"], dist.device), args.crop_size)
+                return [inference_edge(model, images_to_device(items[0]["input"], dist.device), args.crop_size).cpu()]
+
+        def finish(item: dict[str, Any], edge: torch.Tensor) -> str:
+            image_hw = tuple(item["image_hw"])
             class_ids, cams, background = split_cam_dict(item["cam_dict"], variant.own_background, image_hw,
                                                          source=item["cam_path"])
             label = seg_label(variant, edge.float(), class_ids, cams, background, image_hw, args.radius,
                               args.beta, args.logt)
             save_palette_png(os.path.join(args.out_dir, f"{item['id']}.png"), label)
+            return item["id"]
+
+        results = run_images(dataset, infer, finish, device=dist.device, threads=args.threads,
+                             num_workers=args.num_workers)
+        for _ in tqdm(results, total=len(dataset), desc="IRN masks", disable=not dist.is_main, dynamic_ncols=True):
+            pass
         return len(todo)
     finally:
         cleanup()

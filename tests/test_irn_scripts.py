@@ -113,10 +113,13 @@ def test_masks_written_and_skipped(data, trained, tmp_path):
             "--infer_list", data["list"], "--cam_dir", data["cam"], "--out_dir", out, "--num_workers", "0",
             "--crop_size", "96", "--shard", "1/2"]
     assert make_seg_labels.run(make_seg_labels.parse_args(argv)) == 2
-    assert sorted(os.listdir(out)) == ["img0.png", "img2.png", "make_seg_labels.log", "make_seg_labels_config.json"]
+    assert sorted(os.listdir(out)) == ["img0.png", "img2.png", "make_seg_labels.log", "make_seg_labels_config.json",
+                                       "make_seg_labels_settings.json"]
     argv[-1] = "2/2"
     assert make_seg_labels.run(make_seg_labels.parse_args(argv)) == 2
     assert make_seg_labels.run(make_seg_labels.parse_args(argv)) == 0
+    with pytest.raises(DataError, match="other settings"):  # the settings record refuses a mix
+        make_seg_labels.run(make_seg_labels.parse_args(argv + ["--beta", "8"]))
     for image_id in IDS:
         label = read_label_png(os.path.join(out, f"{image_id}.png"))
         assert label.shape == (HEIGHT, WIDTH) and set(np.unique(label)) <= {0, 1, 2}
