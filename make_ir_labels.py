@@ -6,7 +6,9 @@ background from a stingy one); 0 where both say background, the class where the 
 foreground, 255 elsewhere. ``--variant irn`` (thresholds 0.30 / 0.05) reads the project's CAM
 dicts (0-based keys); ``sipe`` / ``ae_sipe`` (the method's own background x 0.5 / x 0.8) read
 one-based dicts whose key 0 is that background. Output: ``<out_ir_label>/<id>.png`` (palette;
-0 bg, c + 1 class c, 255 unsure). Existing PNGs are skipped; ``--shard K/N`` and torchrun split.
+0 bg, c + 1 class c, 255 unsure). PNGs made with the same settings are skipped (other settings are
+refused, ``--overwrite`` redoes them); ``--shard K/N`` and torchrun split the list; the CRFs of
+several images run at once, one per core (``tool/parallel.py``, ``--threads``).
 
     python make_ir_labels.py --voc12_root VOC2012 --cam_dir out/cam --out_ir_label out/ir_label
 """
@@ -19,11 +21,13 @@ from typing import Sequence
 
 from tqdm import tqdm
 
-from tool.cli import add_dataset_args, add_shard_args, run_cli, shard_list
+from tool.cli import add_dataset_args, add_overwrite_arg, add_parallel_args, add_shard_args, run_cli, shard_list
 from tool.distributed import cleanup, setup_distributed
-from tool.fileio import load_score_dict, pending_ids, read_id_list, read_rgb_image, require_files, save_palette_png
+from tool.fileio import load_score_dict, read_id_list, read_rgb_image, require_files, save_palette_png
 from tool.ir_label import IR_LABEL_VARIANTS, get_ir_variant, ir_label, split_cam_dict
 from tool.logs import config_dict, save_config, setup_logging
+from tool.outputs import OutputRecord
+from tool.parallel import plan_workers, run_in_flight
 from voc12.data import check_images
 from workflow.datasets import DATASET_NAMES, get_dataset_info
 
@@ -41,6 +45,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--variant", choices=sorted(IR_LABEL_VARIANTS), default="irn",
                         help="irn: constant backgrounds 0.30/0.05 (any CAM dict); sipe / ae_sipe: the "
                              "CAM's own background (key 0) x 0.5 / x 0.8 (default irn)")
+    add_parallel_args(parser, batching=False)
+    add_overwrite_arg(parser)
     return parser.parse_args(argv)
 
 
@@ -49,6 +55,8 @@ def run(args: argparse.Namespace) -> int:
     dist = setup_distributed(use_cuda=False)
     try:
         setup_logging(os.path.join(args.out_ir_label, "make_ir_labels.log"), dist.is_main)
+        record = OutputRecord("make_ir_labels", args,
+                              lambda image_id: [os.path.join(args.out_ir_label, f"{image_id}.png")])
         if dist.is_main:
             save_config(args, os.path.join(args.out_ir_label, "make_ir_labels_config.json"))
         logger.info("configuration: %s", config_dict(args))
@@ -56,20 +64,26 @@ def run(args: argparse.Namespace) -> int:
         variant = get_ir_variant(args.variant)
         infer_list = args.infer_list or info.list_path("train_aug")
         ids = shard_list(read_id_list(infer_list), args.shard, dist)
-        todo = pending_ids(ids, lambda image_id: [os.path.join(args.out_ir_label, f"{image_id}.png")])
+        todo = record.start(ids)
         logger.info("%d of %d images to do (%d already done)", len(todo), len(ids), len(ids) - len(todo))
         if not todo:
             return 0
         check_images(info, todo, infer_list)
         cam_paths = {image_id: os.path.join(args.cam_dir, f"{image_id}.npy") for image_id in todo}
         require_files(cam_paths.values(), f"CAM dicts in {args.cam_dir}", source=infer_list)
-        for image_id in tqdm(todo, desc="IR labels", disable=not dist.is_main, dynamic_ncols=True):
+
+        def work(image_id: str) -> str:
             image = read_rgb_image(info.image_path(image_id))
             cam_dict = load_score_dict(cam_paths[image_id], info.num_classes, one_based=variant.own_background)
             class_ids, cams, background = split_cam_dict(cam_dict, variant.own_background, image.shape[:2],
                                                          source=cam_paths[image_id])
-            label = ir_label(image, class_ids, cams, variant, background)
-            save_palette_png(os.path.join(args.out_ir_label, f"{image_id}.png"), label)
+            save_palette_png(os.path.join(args.out_ir_label, f"{image_id}.png"),
+                             ir_label(image, class_ids, cams, variant, background))
+            return image_id
+
+        for _ in tqdm(run_in_flight(work, todo, plan_workers(args.threads, len(todo))), total=len(todo),
+                      desc="IR labels", disable=not dist.is_main, dynamic_ncols=True):
+            pass
         return len(todo)
     finally:
         cleanup()

@@ -54,6 +54,8 @@ def ir_labels(data) -> str:
             "--cam_dir", data["cam"], "--out_ir_label", data["ir"]]
     assert make_ir_labels.run(make_ir_labels.parse_args(argv)) == len(IDS)
     assert make_ir_labels.run(make_ir_labels.parse_args(argv)) == 0   # all done: skipped
+    with pytest.raises(DataError, match="other settings"):  # labels of another variant are not mixed in
+        make_ir_labels.run(make_ir_labels.parse_args(argv + ["--variant", "sipe"]))
     return data["ir"]
 
 

@@ -132,8 +132,8 @@ PROFILES["tiny"] = {
 
 # Stages that spread their images over the cores themselves (tool/parallel.py: workers and torch
 # threads from os.sched_getaffinity), so the profile's torch_threads does not apply to them.
-PARALLEL_STAGES = frozenset({"infer_seed", "refine_mask", "infer_aff", "make_seg_labels", "test_deeplab",
-                             "test_deeplab_samples", "test_deeplab_gt"})
+PARALLEL_STAGES = frozenset({"infer_seed", "refine_mask", "infer_aff", "make_ir_labels", "make_seg_labels",
+                             "test_deeplab", "test_deeplab_samples", "test_deeplab_gt"})
 
 # How the seeds become DeepLab's pseudo masks: the CRF masks, AffinityNet's random walk, or IRN's
 # boundary random walk (SIPE / AE-SIPE).
