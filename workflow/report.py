@@ -35,11 +35,15 @@ PAGE_COLUMNS = ("image", "ground truth", "CAM", "seed", "CRF", "random walk", "I
 
 
 def machine_description() -> str:
+    """The machine, and the precision the inference stages resolve ``--precision auto`` to on it."""
     import torch
 
+    from tool.device import resolve_precision
+
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU only"
+    precision = resolve_precision("auto", "cuda" if torch.cuda.is_available() else "cpu")
     return (f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores, {device}, "
-            f"Python {platform.python_version()}, torch {torch.__version__}")
+            f"Python {platform.python_version()}, torch {torch.__version__}, inference in {precision}")
 
 
 def collect_results(eval_dir: str, seed_curve_json: str, stage_markers: Sequence[Mapping[str, Any]],
