@@ -44,10 +44,11 @@ def machine_description() -> str:
 
 def collect_results(eval_dir: str, seed_curve_json: str, stage_markers: Sequence[Mapping[str, Any]],
                     profile_name: str, eval_split_names: Mapping[str, str], method: str = "avc",
-                    segmenter_row: str | None = None) -> dict[str, Any]:
+                    segmenter_row: str | None = None, notes: Sequence[str] = ()) -> dict[str, Any]:
     """One dict with the table rows, the best seed threshold, stage times, date and machine.
 
-    ``segmenter_row`` labels the segmentation row (which network and its init)."""
+    ``segmenter_row`` labels the segmentation row (which network and its init); ``notes`` are
+    printed under the title (msa_sal: where its pixel-supervised saliency maps came from)."""
     rows, by_name = [], {}
     curve = read_json_if_present(seed_curve_json)
     for label, name, split in TABLE_ROWS:
@@ -70,7 +71,7 @@ def collect_results(eval_dir: str, seed_curve_json: str, stage_markers: Sequence
     if by_name.get(RATIO_ROW[2]) is not None:
         rows.append(ratio_row(by_name))
     return {"profile": profile_name, "method": method, "date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine_description(),
-            "rows": rows, "stages": [{"stage": m["stage"], "seconds": m["seconds"], "command": m["command"]}
+            "notes": list(notes), "rows": rows, "stages": [{"stage": m["stage"], "seconds": m["seconds"], "command": m["command"]}
                                      for m in stage_markers],
             "total_seconds": round(sum(m["seconds"] for m in stage_markers), 1)}
 
@@ -94,6 +95,7 @@ def _format_value(row: Mapping[str, Any]) -> str:
 
 def format_summary(summary: Mapping[str, Any]) -> str:
     lines = [f"# Results ({summary.get('method', 'avc')} seeds, {summary['profile']}, {summary['date']})", "", f"Machine: {summary['machine']}", "",
+             *(f"**{note}**" for note in summary.get("notes", ())), *([""] if summary.get("notes") else []),
              "| | split | mIoU (%) | background threshold |", "|---|---|---|---|"]
     for row in summary["rows"]:
         miou = _format_value(row)
