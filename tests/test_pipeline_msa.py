@@ -95,10 +95,25 @@ def test_voc12_profile_keeps_the_reference_settings(tmp_path):
 
 
 def test_voc12_msa_sal_needs_saliency_maps(capsys):
+    voc12 = ["--voc12_root", os.curdir, "--weights", "w", "--seed_weights", "s"]
     with pytest.raises(SystemExit) as exit_info:
-        run_pipeline.parse_args(["--voc12_root", os.curdir, "--weights", "w", "--seed_weights", "s",
-                                 "--method", "msa_sal"])
+        run_pipeline.parse_args([*voc12, "--method", "msa_sal"])
     assert exit_info.value.code == 2 and "--sal_dir" in capsys.readouterr().err
+    # --method all runs msa everywhere, msa_sal where it has saliency maps.
+    assert run_pipeline.methods_for_all(run_pipeline.parse_args([*voc12, "--method", "all"])) == \
+        tuple(m for m in SEED_METHOD_NAMES if m != "msa_sal")
+    assert run_pipeline.methods_for_all(run_pipeline.parse_args([*voc12, "--method", "all", "--sal_dir", "s"])) == \
+        run_pipeline.methods_for_all(run_pipeline.parse_args(["--method", "all"])) == SEED_METHOD_NAMES
+
+
+def test_comparison_names_msa_and_carries_its_notes(tmp_path):
+    for method, miou, notes in (("avc", 26.8, []), ("msa", 24.3, []), ("msa_sal", 30.0, ["stand-ins"])):
+        (tmp_path / method).mkdir()
+        (tmp_path / method / "summary.json").write_text(json.dumps(
+            {"notes": notes, "rows": [{"row": "Seed", "miou": miou, "bg_threshold": 0.5}]}))
+    text = run_pipeline.write_comparison(str(tmp_path), ("avc", "msa", "msa_sal"))
+    assert "| | avc | msa | msa_sal |" in text and "| Seed | 26.8 (bg 0.50) | 24.3 (bg 0.50) | 30.0 (bg 0.50) |" in text
+    assert text.rstrip().endswith("- msa_sal: stand-ins")
 
 
 def test_seed_epochs_shortens_the_msa_classifier(tmp_path):
