@@ -63,10 +63,10 @@ SMALL_PROFILE: dict[str, Any] = {
                   "resize_long": (112, 144)},
     # Seeds without AP (ap_steps 0; the reference's 8 steps at 0.6 stay in the voc12 profile and in
     # training). Measured without ground truth (python -m bench.msa_affinity: images and image labels
-    # only, 20 train images, this profile's checkpoint at 6 epochs): 92 % of the scratch width-0.125
-    # network's layer-3 cosine affinities are >= 0.6 (median 0.84), so each AP step averages a CAM
-    # over most of the grid; after 8 steps every CAM that fires is >= half its peak on 100 % of the
-    # image (28 % without AP): the propagated CAMs no longer locate the object.
+    # only, 20 train images, this profile's checkpoints after 16 / 6 epochs): 90 / 92 % of the scratch
+    # width-0.125 network's layer-3 cosine affinities are >= 0.6 (median 0.79 / 0.84), so each AP
+    # step averages a CAM over most of the grid; after 8 steps a CAM that fires is >= half its peak
+    # on 97 / 100 % of the image (26 / 28 % without AP): the propagated CAMs no longer locate objects.
     "infer_msa": {"scales": (0.5, 1.0, 1.5, 2.0), "ap_steps": 0, "ap_threshold": 0.6},
     "train_aff": {"batch_size": 8, "max_epoches": 8, "lr": 0.02, "momentum": 0.9, "crop_size": 112},
     # Background exponent of the random walk: the one that reproduces the best seed threshold.
