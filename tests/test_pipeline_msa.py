@@ -47,8 +47,8 @@ def test_the_method_lists_agree():
 def test_msa_plan_trains_superpixels_then_the_classifier_and_infers_through_them(tmp_path):
     commands = plan(tmp_path, "msa")
     names = list(commands)
-    assert names[:6] == ["generate", "prepare", "train_scn", "train_msa", "infer_seed", "eval_seed"]
-    assert names[5:15] == AFTER_SEEDS and "eval_seed_png" not in names and "saliency_standin" not in names
+    assert names[:7] == ["generate", "prepare", "train_scn", "eval_spixel", "train_msa", "infer_seed", "eval_seed"]
+    assert names[6:16] == AFTER_SEEDS and "eval_seed_png" not in names and "saliency_standin" not in names
     checkpoints = str(tmp_path / "work" / "checkpoints")
     spixel = os.path.join(checkpoints, "spixel.pth")
     scn, msa, infer = commands["train_scn"], commands["train_msa"], commands["infer_seed"]
@@ -56,6 +56,8 @@ def test_msa_plan_trains_superpixels_then_the_classifier_and_infers_through_them
     assert scn[0] == "train_scn.py" and "--weights" not in scn
     assert flag(scn, "--width_mult") == str(small["train_scn"]["width_mult"]) == "0.25"
     assert flag(scn, "--max_epoches") == str(small["train_scn"]["max_epoches"])
+    assert flag(commands["eval_spixel"], "--weights") == spixel
+    assert flag(commands["eval_spixel"], "--infer_list") == str(tmp_path / "data" / "val.txt")
     assert msa[0] == "train_msa.py" and flag(msa, "--spixel_weights") == spixel and "--variant" not in msa
     assert flag(msa, "--session_name") == "msa" and flag(msa, "--width_mult") == "0.125"
     assert flag(msa, "--momentum") == "0.9" and "--weights" not in msa  # from scratch on the synthetic data
@@ -70,7 +72,7 @@ def test_msa_plan_trains_superpixels_then_the_classifier_and_infers_through_them
 def test_msa_sal_plan_makes_labelled_standins_or_reads_the_given_saliency(tmp_path):
     commands = plan(tmp_path, "msa_sal")
     names = list(commands)
-    assert names[2:5] == ["train_scn", "saliency_standin", "train_msa"]
+    assert names[2:6] == ["train_scn", "eval_spixel", "saliency_standin", "train_msa"]
     standins = str(tmp_path / "work" / "saliency_standin")
     assert commands["saliency_standin"][:2] == ["-m", "voc12.saliency"]
     assert flag(commands["saliency_standin"], "--out") == standins
@@ -133,10 +135,13 @@ def test_tiny_msa_run_up_to_the_seed_evaluation(tmp_path):
                                 "--until", "eval_seed", "--work_dir", str(work), "--results_dir", str(results)],
                                cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
-    for stage in ("train_scn", "train_msa", "infer_seed", "eval_seed"):
+    for stage in ("train_scn", "eval_spixel", "train_msa", "infer_seed", "eval_seed"):
         assert json.loads((work / "stages" / f"{stage}.json").read_text())["seconds"] > 0
     summary = json.loads((results / "summary.json").read_text())
     assert summary["method"] == "msa" and "# Results (msa seeds" in (results / "summary.md").read_text()
+    spixel = json.loads((work / "eval" / "spixel.json").read_text())
+    assert 0.0 < spixel["spixel_fcn"]["boundary_recall"] <= 1.0
+    assert summary["notes"][0].startswith("Superpixel FCN on val (boundary recall / precision / ASA")
     seed = next(row for row in summary["rows"] if row["row"] == "Seed")
     assert 0.0 < seed["miou"] <= 100.0
     # Every CAM dict holds exactly the image's classes, at its size, in [0, 1], and is not flat.

@@ -434,7 +434,7 @@ def build_stages(ctx: Context) -> list[Stage]:
         prepare += ["--dataset", "synthetic"]
     stages.append(Stage("prepare", lambda c: prepare, "image lists and cls_labels.npy"))
     if ctx.seed_family == "msa":
-        stages += msa_input_stages(ctx, train_list, checkpoint_files)
+        stages += msa_input_stages(ctx, train_list, val_list, checkpoint_files)
     stages += [
         Stage("train_msa" if ctx.seed_family == "msa" else "train_avc", lambda c: seed_training_command(c, train_list),
               f"seed classifier ({method.name}: {method.summary})", checkpoint_files(ctx.seed_session)),
@@ -528,14 +528,21 @@ def saliency_dir(ctx: Context) -> str:
     return ctx.sal_dir or ctx.paths.saliency
 
 
-def msa_input_stages(ctx: Context, train_list: str, checkpoint_files: Callable[[str], tuple[str, ...]]
-                     ) -> list[Stage]:
-    """MSA's inputs: the superpixel FCN, and for msa_sal without ``--sal_dir`` the saliency stand-ins."""
+def msa_input_stages(ctx: Context, train_list: str, val_list: str,
+                     checkpoint_files: Callable[[str], tuple[str, ...]]) -> list[Stage]:
+    """MSA's inputs: the superpixel FCN (and its scores on val), and for msa_sal without
+    ``--sal_dir`` the saliency stand-ins."""
     settings = ctx.profile["train_scn"]
-    stages = [Stage("train_scn", lambda c: [
-        "train_scn.py", *dataset_flags(c), "--train_list", train_list, "--session_name", SPIXEL_SESSION,
-        *_strings(training_flags(c, "train_scn")), "--resize_long", *_strings(settings["resize_long"])],
-        "superpixel FCN (MSA; images only, no labels)", checkpoint_files(SPIXEL_SESSION))]
+    stages = [
+        Stage("train_scn", lambda c: [
+            "train_scn.py", *dataset_flags(c), "--train_list", train_list, "--session_name", SPIXEL_SESSION,
+            *_strings(training_flags(c, "train_scn")), "--resize_long", *_strings(settings["resize_long"])],
+            "superpixel FCN (MSA; images only, no labels)", checkpoint_files(SPIXEL_SESSION)),
+        Stage("eval_spixel", lambda c: [
+            "eval_spixel.py", *dataset_flags(c), "--weights", spixel_weights(c), "--infer_list", val_list,
+            "--out", c.eval_json("spixel")],
+            "superpixel boundary recall / precision / ASA on val (and the regular grid's)", (ctx.eval_json("spixel"),)),
+    ]
     if ctx.msa_saliency and ctx.sal_dir is None:
         stages.append(Stage("saliency_standin", lambda c: [
             "-m", "voc12.saliency", *dataset_flags(c), "--list", train_list, "--out", c.paths.saliency],
@@ -554,14 +561,22 @@ def msa_inference_flags(ctx: Context) -> list[str]:
 
 
 def result_notes(ctx: Context) -> list[str]:
-    """Lines the results table carries about the run's supervision (msa_sal's saliency maps)."""
-    if not ctx.msa_saliency:
-        return []
-    if ctx.sal_dir is None:
+    """Lines the results table carries beside its rows: MSA's superpixel scores (stage eval_spixel)
+    and msa_sal's supervision (its saliency maps)."""
+    notes = []
+    spixel = read_json_if_present(ctx.eval_json("spixel")) if ctx.seed_family == "msa" else None
+    if spixel:
+        def scores(name: str) -> str:
+            return " / ".join(f"{100 * spixel[name][key]:.1f}" for key in ("boundary_recall", "boundary_precision", "asa"))
+        notes.append(f"Superpixel FCN on {ctx.profile['val_list']} (boundary recall / precision / ASA, %, tolerance "
+                     f"{spixel['tolerance']}): {scores('spixel_fcn')}; regular 16 x 16 grid: {scores('regular_grid')}.")
+    if ctx.msa_saliency and ctx.sal_dir is None:
         from voc12.saliency import STANDIN_NOTE  # no torch import
-        return [f"Saliency maps: {STANDIN_NOTE}, so these results are pixel-supervised, not image-level only."]
-    return [f"Saliency maps from {ctx.sal_dir} (a saliency detector, trained with pixel labels): these results are "
-            f"not image-level supervised only."]
+        notes.append(f"Saliency maps: {STANDIN_NOTE}, so these results are pixel-supervised, not image-level only.")
+    elif ctx.msa_saliency:
+        notes.append(f"Saliency maps from {ctx.sal_dir} (a saliency detector, trained with pixel labels): these "
+                     f"results are not image-level supervised only.")
+    return notes
 
 
 def seed_training_command(ctx: Context, train_list: str) -> list[str]:
