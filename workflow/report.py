@@ -157,6 +157,7 @@ def write_page(results_dir: str, info: DatasetInfo, sample_ids: Sequence[str], c
     table = "".join(f"<tr><td>{html.escape(row['row'])}</td><td>{html.escape(row['split'])}</td>"
                     f"<td>{html.escape(_format_value(row))}</td></tr>" for row in summary["rows"])
     header = "".join(f"<th>{html.escape(column)}</th>" for column in PAGE_COLUMNS)
+    notes = "".join(f"<p><strong>{html.escape(note)}</strong></p>" for note in summary.get("notes", ()))
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(summary.get('method', 'avc'))} pipeline results</title>
 <style>body{{font-family:sans-serif;margin:1em}} img{{max-width:160px;display:block}}
@@ -164,6 +165,7 @@ td,th{{padding:4px;text-align:center;vertical-align:top;font-size:12px}} table{{
 </head><body>
 <h1>Pipeline results: {html.escape(summary.get('method', 'avc'))} seeds ({html.escape(summary['profile'])})</h1>
 <p>{html.escape(summary['date'])} &middot; {html.escape(summary['machine'])}</p>
+{notes}
 <table border="1"><tr><th></th><th>split</th><th>mIoU (%)</th></tr>{table}</table>
 <h2>Seed mIoU over background thresholds</h2>
 <img src="seed_curve.png" alt="seed curve" style="max-width:480px">
