@@ -142,6 +142,7 @@ def test_tiny_msa_run_up_to_the_seed_evaluation(tmp_path):
     spixel = json.loads((work / "eval" / "spixel.json").read_text())
     assert 0.0 < spixel["spixel_fcn"]["boundary_recall"] <= 1.0
     assert summary["notes"][0].startswith("Superpixel FCN on val (boundary recall / precision / ASA")
+    assert f"\n**{summary['notes'][0]}**\n" in (results / "summary.md").read_text()
     seed = next(row for row in summary["rows"] if row["row"] == "Seed")
     assert 0.0 < seed["miou"] <= 100.0
     # Every CAM dict holds exactly the image's classes, at its size, in [0, 1], and is not flat.

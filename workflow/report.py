@@ -95,7 +95,7 @@ def _format_value(row: Mapping[str, Any]) -> str:
 
 def format_summary(summary: Mapping[str, Any]) -> str:
     lines = [f"# Results ({summary.get('method', 'avc')} seeds, {summary['profile']}, {summary['date']})", "", f"Machine: {summary['machine']}", "",
-             *(f"**{note}**" for note in summary.get("notes", ())), *([""] if summary.get("notes") else []),
+             *(line for note in summary.get("notes", ()) for line in (f"**{note}**", "")),  # a paragraph each
              "| | split | mIoU (%) | background threshold |", "|---|---|---|---|"]
     for row in summary["rows"]:
         miou = _format_value(row)
