@@ -243,6 +243,7 @@ class Context:
     results: dict[str, Any] = field(default_factory=dict)
     method: str = "avc"                   # the seed method (network/methods.py)
     seed_imagenet_weights: str | None = None  # ImageNet file of a non-ResNet38 seed backbone (resnet50-19c8e357.pth)
+    sal_dir: str | None = None  # msa_sal: the saliency PNGs (PoolNet's); None = stand-ins (synthetic, small)
 
     @property
     def seed_method(self):
@@ -271,7 +272,6 @@ class Context:
     @property
     def msa_saliency(self) -> bool:
         return self.seed_family == "msa" and self.seed_method.variant == "saliency"
-    sal_dir: str | None = None  # msa_sal: the saliency PNGs (PoolNet's); None = stand-ins (synthetic, small)
     # Stages 4-5: a name of network.segmenters.SEGMENTERS, and its start (DeepLabV2: the COCO
     # or torchvision ResNet-101 file; None = DeepLabV1's usual start, or DeepLabV2 from scratch).
     segmenter: str = "deeplabv1_resnet38"
