@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from network.methods import METHODS, ImageCams, build_network, image_cams_many
+from network.methods import METHODS, MSA_METHODS, SEED_METHOD_NAMES, ImageCams, build_network, image_cams_many
 from network.msa import AP_STEPS, AP_THRESHOLD, MSANet, msa_cam_dict
 from network.spixel import SpixelNet
 from network.weights import load_for_inference, read_weights, saved_args
@@ -55,10 +55,6 @@ from voc12.data import MultiScaleDataset
 from workflow.datasets import DATASET_NAMES, get_dataset_info
 
 logger = logging.getLogger("infer_seed")
-# MSA's checkpoints (train_msa.py trains them with its frozen superpixel FCN); not yet entries of
-# network/methods.py's table, so inference dispatches on their names here.
-MSA_METHODS = ("msa", "msa_sal")
-MSA_SCALES = (0.5, 1.0, 1.5, 2.0)  # the reference evaluator's
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -66,7 +62,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     add_dataset_args(parser, DATASET_NAMES)
     add_shard_args(parser)
     parser.add_argument("--weights", required=True, help="trained seed classifier (.pth)")
-    parser.add_argument("--method", choices=(*METHODS, *MSA_METHODS), default=None,
+    parser.add_argument("--method", choices=SEED_METHOD_NAMES, default=None,
                         help="seed method, for checkpoints that do not record it (default: the "
                              "checkpoint's, else avc)")
     msa = parser.add_argument_group("MSA checkpoints (train_msa.py)")
@@ -133,9 +129,9 @@ def output_paths(args: argparse.Namespace, image_id: str) -> list[str]:
 def resolve_method(flag: str | None, saved: dict, weights: str) -> str:
     """The checkpoint's method; ``flag`` for files without one (default avc); a contradiction is an error."""
     recorded = saved.get("method")
-    if recorded is not None and recorded not in (*METHODS, *MSA_METHODS):
+    if recorded is not None and recorded not in SEED_METHOD_NAMES:
         raise DataError(f"{weights}: trained with seed method {recorded!r}, which this version does not know "
-                        f"(known: {', '.join(METHODS)})")
+                        f"(known: {', '.join(SEED_METHOD_NAMES)})")
     if flag is not None and recorded is not None and flag != recorded:
         raise DataError(f"{weights}: trained with --method {recorded}, but --method {flag} was given")
     return recorded or flag or "avc"
@@ -209,13 +205,13 @@ def msa_inference(args: argparse.Namespace, name: str, saved: dict, info: Datase
     spixel = inference_layout(load_for_inference(SpixelNet, spixel_weights, None, device), device, args.precision)
     logger.info("%s from %s, superpixels from %s", name, args.weights, spixel_weights)
     dataset = MultiScaleDataset(info, todo, info.load_cls_labels(), scales=(), source=infer_list)
-    sum_at = "image" if name == "msa" else "saliency"
+    method = MSA_METHODS[name]
 
     def infer(items: list[dict]) -> list[tuple[ImageCams, None]]:
         with inference_autocast(device, args.precision):
             return [(ImageCams(msa_cam_dict(model, spixel, item["image"], item["label"].numpy(),
-                                            args.scales or MSA_SCALES, device, args.ap_steps, args.ap_threshold,
-                                            sum_at)), None) for item in items]
+                                            args.scales or method.scales, device, args.ap_steps, args.ap_threshold,
+                                            method.sum_at)), None) for item in items]
     return infer, dataset
 
 

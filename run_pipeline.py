@@ -2,6 +2,7 @@
 
     python run_pipeline.py                          # synthetic default dataset, generated first
     python run_pipeline.py --method sipe            # SIPE seeds (avc, seam, sipe, ae_sipe: network/methods.py)
+    python run_pipeline.py --method msa             # MSA: superpixel FCN, then the MSA classifier's seeds
     python run_pipeline.py --method all --until eval_seed   # every method on the same data: comparison.md
     python run_pipeline.py --voc12_root VOC2012     # published VOC 2012 configuration
     python run_pipeline.py --coco_root COCO2014     # published COCO 2014 configuration
@@ -16,7 +17,8 @@ Every command is printed before it runs. A finished stage leaves a marker in
 scripts themselves also skip finished images and resume from their checkpoints). At the end
 the results table is printed and written to ``<results_dir>/summary.md`` and ``summary.json``,
 with ``index.html`` showing sample images through every stage. ``--method all`` runs every
-seed method in ``<work_dir>/<method>/`` on one dataset (``<work_dir>/data``), each method's
+seed method (msa_sal where it has saliency maps: the generated stand-ins, or ``--sal_dir``) in
+``<work_dir>/<method>/`` on one dataset (``<work_dir>/data``), each method's
 results in ``<results_dir>/<method>/``, and writes ``<results_dir>/comparison.md`` and
 ``comparison.json`` (every method's mIoU of each row, side by side).
 """
@@ -30,8 +32,8 @@ from typing import Sequence
 from network.segmenters import ALIASES, SEGMENTERS, get_segmenter
 from tool.cli import run_cli
 from tool.fileio import DataError, atomic_write_text, read_id_list, read_json_if_present
-from workflow.pipeline import (PROFILES, REFINEMENTS, Context, Paths, build_stages, profile_for_root, run_stages,
-                           stage_done, stale_stages)
+from workflow.pipeline import (PROFILES, REFINEMENTS, Context, Paths, build_stages, profile_for_root, result_notes,
+                               run_stages, stage_done, stale_stages)
 
 
 SUMMARY_FILES = ("summary.md", "summary.json", "index.html")
@@ -48,8 +50,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--method", choices=(*SEED_METHODS, "all"), default="avc",
                         help="seed method (default avc); 'all' runs each on the same data and compares them")
     parser.add_argument("--seed_weights", default=None,
-                        help="ImageNet weights of a ResNet-50 seed classifier (sipe, ae_sipe): torchvision's "
-                             "resnet50-19c8e357.pth; required by the voc12 and coco14 profiles for those")
+                        help="ImageNet weights of a ResNet-50 seed classifier (sipe, ae_sipe, msa, msa_sal): "
+                             "torchvision's resnet50-19c8e357.pth; required by the voc12 and coco14 profiles for those")
+    parser.add_argument("--sal_dir", default=None,
+                        help="msa_sal: saliency PNGs <sal_dir>/<id>.png (PoolNet's; a detector trained with pixel "
+                             "labels); required by the voc12 and coco14 profiles, else stand-ins are generated "
+                             "from the ground truth")
     parser.add_argument("--until", metavar="STAGE", default=None,
                         help="stop after this stage (e.g. eval_seed for a quick seed comparison)")
     parser.add_argument("--seed_epochs", type=int, default=None,
@@ -86,15 +92,19 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.profile in ("voc12", "coco14") and not args.weights and not args.dry_run:
         parser.error(f"the {args.profile} profile starts from ImageNet weights: give --weights "
                      "ilsvrc-cls_rna-a1_cls1000_ep-0001.params")
-    if (args.profile in ("voc12", "coco14") and args.method in ("sipe", "ae_sipe", "all")
+    if (args.profile in ("voc12", "coco14") and args.method in (*RESNET50_METHODS, "all")
             and not args.seed_weights and not args.dry_run):
-        parser.error(f"SIPE/AE-SIPE on the {args.profile} profile start from ImageNet ResNet-50 weights: "
+        parser.error(f"SIPE/AE-SIPE/MSA on the {args.profile} profile start from ImageNet ResNet-50 weights: "
                      "give --seed_weights resnet50-19c8e357.pth")
+    if args.profile in ("voc12", "coco14") and args.method == "msa_sal" and not args.sal_dir and not args.dry_run:
+        parser.error(f"msa_sal on the {args.profile} profile reads saliency maps: give --sal_dir (PoolNet's PNGs)")
     return args
 
 
-SEED_METHODS = ("avc", "seam", "sipe", "ae_sipe")  # network/methods.py's entries (kept here: no torch import)
+# network/methods.py's entries, METHODS then MSA_METHODS (kept here: no torch import).
+SEED_METHODS = ("avc", "seam", "sipe", "ae_sipe", "msa", "msa_sal")
 OWN_BACKGROUND_METHODS = ("sipe", "ae_sipe")  # also the names of their IRN variants
+RESNET50_METHODS = ("sipe", "ae_sipe", "msa", "msa_sal")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -102,15 +112,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.method != "all":
         return run_method(args, args.method, args.work_dir, args.results_dir)
     data_root = args.voc12_root or args.coco_root or os.path.join(args.work_dir, "data")
-    for method in SEED_METHODS:
+    methods = methods_for_all(args)
+    for method in methods:
         print(f"\n######## seed method {method}", flush=True)
         code = run_method(args, method, os.path.join(args.work_dir, method),
                           os.path.join(args.results_dir, method), data_root)
         if code:
             return code
     if not args.dry_run:
-        print("\n" + write_comparison(args.results_dir, SEED_METHODS))
+        print("\n" + write_comparison(args.results_dir, methods))
     return 0
+
+
+def methods_for_all(args: argparse.Namespace) -> tuple[str, ...]:
+    """``--method all``: every seed method; msa_sal only where it has saliency maps (``--sal_dir``, or
+    the stand-ins the synthetic and small profiles generate)."""
+    if args.profile in ("voc12", "coco14") and not args.sal_dir:
+        print("--method all: msa_sal left out (no --sal_dir saliency maps on this profile)")
+        return tuple(m for m in SEED_METHODS if m != "msa_sal")
+    return SEED_METHODS
 
 
 def write_comparison(results_dir: str, methods: Sequence[str]) -> str:
@@ -132,7 +152,9 @@ def write_comparison(results_dir: str, methods: Sequence[str]) -> str:
     cells = {name: [cell(m, name) for m in methods] for name in rows}
     lines += [f"| {name} | " + " | ".join(cells[name]) + " |" for name in rows
               if any(value != "-" for value in cells[name])]  # stages not run (--until) leave no row
-    text = "\n".join(lines) + "\n"
+    # A method whose results carry notes (msa_sal: pixel-supervised saliency maps) says so under the table.
+    notes = [f"- {m}: {note}" for m in methods for note in (summaries[m] or {}).get("notes", ())]
+    text = "\n".join(lines + ([""] + notes if notes else [])) + "\n"
     os.makedirs(results_dir, exist_ok=True)
     atomic_write_text(os.path.join(results_dir, "comparison.md"), text)
     atomic_write_text(os.path.join(results_dir, "comparison.json"), json.dumps(summaries, indent=2))
@@ -147,7 +169,7 @@ def run_method(args: argparse.Namespace, method: str, work_dir: str, results_dir
     # SIPE / AE-SIPE refine with IRN, reading their own background (the published workflow).
     refine = args.refine or ("irn" if method in OWN_BACKGROUND_METHODS else "affinitynet")
     if args.seed_epochs:
-        for section in ("train_avc", "train_sipe"):
+        for section in ("train_avc", "train_sipe", "train_msa"):
             profile[section] = {**profile[section], "max_epoches": args.seed_epochs}
     ctx = Context(args.profile, profile, Paths.under(os.path.abspath(work_dir), os.path.abspath(data_root),
                                        os.path.abspath(results_dir)),
@@ -156,7 +178,8 @@ def run_method(args: argparse.Namespace, method: str, work_dir: str, results_dir
                   segmenter=get_segmenter(args.segmenter).name, segmenter_title=get_segmenter(args.segmenter).title,
                   segmenter_weights=args.segmenter_weights and os.path.abspath(args.segmenter_weights),
                   refine=refine, irn_variant=method if refine == "irn" and method in OWN_BACKGROUND_METHODS else "irn",
-                  irn_weights=args.irn_weights and os.path.abspath(args.irn_weights))
+                  irn_weights=args.irn_weights and os.path.abspath(args.irn_weights),
+                  sal_dir=args.sal_dir and os.path.abspath(args.sal_dir))
     stages = build_stages(ctx)
     names = [stage.name for stage in stages]
     if args.until:
@@ -187,7 +210,7 @@ def build_report(ctx: Context, stages) -> str:
     markers = [marker for marker in (stage_done(ctx, stage) for stage in stages) if marker]
     summary = collect_results(paths.eval, os.path.join(paths.seed_curve, "curve.json"), markers, ctx.profile_name,
                               {"train": ctx.profile["eval_list"], "val": ctx.profile["val_list"]}, ctx.method,
-                              segmenter_row(ctx))
+                              segmenter_row(ctx), result_notes(ctx))
     os.makedirs(paths.results_dir, exist_ok=True)
     text = write_summary(summary, paths.results_dir)
     samples = os.path.join(paths.lists, "samples.txt")

@@ -9,7 +9,18 @@ way the entry says. Entries:
 * ``sipe``: SIPE on ResNet-50 (output stride 16) - general CAM + IS-CAM, cls + GSC loss.
 * ``ae_sipe``: SIPE with PAMR affinity enhancement of the IS-CAM (AE-SIPE).
 
-Adding a method (e.g. ``msa``) = one :class:`SeedMethod` in ``METHODS``:
+MSA (``msa``: image IPC target; ``msa_sal``: saliency target) is a second, smaller table,
+``MSA_METHODS`` of :class:`SpixelSeedMethod`, not ``METHODS`` entries: its classifier reads the
+association of a separately trained, frozen superpixel FCN (train_scn.py) in every training step
+and at inference, ``msa_sal`` also a saliency map per image, and its evaluator stretches each image
+itself instead of taking the dataset's scale views. ``SeedMethod.losses(model, batch, args)`` and
+its fusions have no slot for a second network or an extra input, and giving them one would change
+every entry for one family; so ``train_msa.py`` trains MSA, ``infer_seed.py`` dispatches on
+``MSA_METHODS``, and ``SEED_METHOD_NAMES`` / :func:`get_seed_method` cover both tables (what a
+checkpoint may record, what run_pipeline.py offers). ``tests/test_methods.py`` runs the same
+checks over every entry of both tables.
+
+Adding a method = one :class:`SeedMethod` in ``METHODS``:
 
 * ``network(num_classes, backbone, width_mult, args)`` -> the model (``args`` may be None at
   inference); the model declares its new layers in ``new_layers`` (10x lr groups);
@@ -180,6 +191,54 @@ METHODS: Dict[str, SeedMethod] = {
     "sipe": _sipe_entry("sipe", False, "SIPE, image-specific prototypes + GSC (ResNet-50, CVPR 2022)"),
     "ae_sipe": _sipe_entry("ae_sipe", True, "AE-SIPE, SIPE + PAMR affinity enhancement (ResNet-50)"),
 }
+
+
+# ----------------------------------------------------------------------------- MSA
+@dataclass(frozen=True)
+class SpixelSeedMethod:
+    """A seed method whose classifier reads a frozen superpixel FCN (MSA; see the module docstring).
+
+    ``variant``: its IPC target (network.msa.IPC_VARIANTS); ``sum_at``: where the evaluator sums
+    the scales (network.msa.msa_cams); ``pixel_supervised``: its input comes from a detector
+    trained with pixel labels (the saliency variant); the other fields as :class:`SeedMethod`'s.
+    """
+
+    name: str
+    summary: str
+    variant: str
+    sum_at: str
+    pixel_supervised: bool
+    writes: str
+    backbones: tuple[str, ...] = ("resnet50",)
+    loss_terms: tuple[str, ...] = ("cls", "ipc")
+    scales: tuple[float, ...] = (0.5, 1.0, 1.5, 2.0)  # the reference evaluator's, each with its mirror
+    fusion: str = "msa"
+    trained_by: str = "train_msa.py"
+
+
+_MSA_WRITES = ("CAM dicts of the AP logits brought to full resolution through the superpixel association "
+               "(scales and mirrors summed, max-normalised), seed PNGs at --out_cam_pred_alpha, low/high-alpha "
+               "CRF dicts")
+MSA_METHODS: Dict[str, SpixelSeedMethod] = {
+    "msa": SpixelSeedMethod(
+        name="msa", summary="MSA, superpixel DCR + affinity propagation + image IPC (ResNet-50)",
+        variant="image", sum_at="image", pixel_supervised=False, writes=_MSA_WRITES),
+    "msa_sal": SpixelSeedMethod(
+        name="msa_sal", summary="MSA with saliency IPC (ResNet-50; saliency maps: pixel-supervised)",
+        variant="saliency", sum_at="saliency", pixel_supervised=True, writes=_MSA_WRITES),
+}
+# Every seed method a checkpoint may record, both tables.
+SEED_METHOD_NAMES: tuple[str, ...] = (*METHODS, *MSA_METHODS)
+
+
+def get_seed_method(name: str) -> SeedMethod | SpixelSeedMethod:
+    """The entry of ``name`` in either table."""
+    if name in MSA_METHODS:
+        return MSA_METHODS[name]
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ValueError(f"unknown seed method {name!r}; known: {', '.join(SEED_METHOD_NAMES)}") from None
 
 
 def get_method(name: str) -> SeedMethod:

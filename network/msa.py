@@ -391,3 +391,22 @@ def msa_cam_dict(model: MSANet, spixel: nn.Module, image: np.ndarray, label: np.
         cams = msa_cams(model, spixel, tensor, views, ap_steps, ap_threshold, sum_at)["cams"][0, 1:]
     cams = cams.float().cpu().numpy()
     return {int(c): cams[c].astype(np.float32) for c in np.nonzero(label)[0]}
+
+
+def affinity_statistics(model: MSANet, spixel: nn.Module, image: np.ndarray, threshold: float = AP_THRESHOLD,
+                        device: torch.device | str = "cpu") -> Dict[str, float]:
+    """What AP would propagate over, for one uint8 RGB image at scale 1 (no labels needed).
+
+    ``above``: the share of the off-diagonal layer-3 cosine affinities (clamped as AP clamps
+    them) at or above ``threshold``, i.e. of the grid each propagation step averages over;
+    ``q50`` / ``q90``: their median and 90th percentile.
+    """
+    tensor = torch.from_numpy(hwc_to_chw(normalize(image, MSA_MEAN, MSA_STD)))[None].to(device)
+    tensor = F.interpolate(tensor, size=stretched_size(*image.shape[:2], 1.0), mode="bilinear", align_corners=False)
+    with torch.inference_mode():
+        features = model.forward_features(tensor, spixel(tensor))["x4_recomposed"]
+        affinity = cosine_affinity(features)[0].clamp(0.01, 0.999).float()
+    off_diagonal = affinity[~torch.eye(affinity.shape[0], dtype=torch.bool, device=affinity.device)]
+    quantiles = torch.quantile(off_diagonal.cpu(), torch.tensor([0.5, 0.9]))
+    return {"above": float((off_diagonal >= threshold).float().mean()), "q50": float(quantiles[0]),
+            "q90": float(quantiles[1])}

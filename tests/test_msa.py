@@ -12,8 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from network.msa import (IPC_VARIANTS, MSANet, affinity_propagation, cosine_affinity, ipc_loss, ipc_target,
-                         make_cam, merge_features, msa_cams, msa_losses, msa_optimizer, padding_mask,
+from network.msa import (IPC_VARIANTS, MSANet, affinity_propagation, affinity_statistics, cosine_affinity, ipc_loss,
+                         ipc_target, make_cam, merge_features, msa_cams, msa_losses, msa_optimizer, padding_mask,
                          propagation_matrix, prototypes, reconstruct, tile_features)
 from network.spixel import SpixelNet
 from tests.reference_data import load_reference, portable_state_dict, portable_value, reference_msa_keys
@@ -304,3 +304,15 @@ def test_evaluator_cams_multi_scale(cam_ref, model_a, spixel, prefix, sum_at):
 
 def test_evaluator_cams_variant_b(cam_ref, model_b, spixel):
     check_cams(cam_ref, model_b[0], spixel, "B_single_", "single_tags")
+
+
+def test_affinity_statistics_count_the_affinities_ap_keeps():
+    torch.manual_seed(0)
+    model, spixel = MSANet(3, width_mult=0.0625).eval(), SpixelNet(width_mult=0.125).eval()
+    image = np.random.default_rng(0).integers(0, 256, (40, 56, 3), dtype=np.uint8)
+    every = affinity_statistics(model, spixel, image, threshold=0.0)   # AP's clamp floor is 0.01
+    none = affinity_statistics(model, spixel, image, threshold=1.0)    # its ceiling is 0.999
+    some = affinity_statistics(model, spixel, image, threshold=0.6)
+    assert every["above"] == 1.0 and none["above"] == 0.0 and 0.0 <= some["above"] <= 1.0
+    assert 0.01 <= some["q50"] <= some["q90"] <= 0.999
+    assert (some["above"] >= 0.5) == (some["q50"] >= 0.6)  # the share and the median agree

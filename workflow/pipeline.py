@@ -53,6 +53,21 @@ SMALL_PROFILE: dict[str, Any] = {
     "train_sipe": {"batch_size": 8, "max_epoches": 25, "lr": 0.02, "momentum": 0.9, "crop_size": 112,
                    "resize_long": (112, 144)},
     "infer_sipe": {"scales": (1.0, 0.5, 1.5, 2.0)},
+    # MSA (--method msa|msa_sal): the shortened schedules of the README's measured CPU runs. The
+    # superpixel FCN (Adam, constant lr) at width 0.25, lr 5e-4 for 12 epochs of 200 images (the
+    # published 5e-5 runs 50 epochs of 10582); the classifier as SIPE's section (SGD momentum 0.9 at
+    # lr 0.02, Nesterov as the reference), 16 epochs.
+    "train_scn": {"batch_size": 8, "max_epoches": 12, "lr": 5e-4, "crop_size": 112, "resize_long": (72, 144),
+                  "width_mult": 0.25},
+    "train_msa": {"batch_size": 8, "max_epoches": 16, "lr": 0.02, "momentum": 0.9, "crop_size": 112,
+                  "resize_long": (112, 144)},
+    # Seeds without AP (ap_steps 0; the reference's 8 steps at 0.6 stay in the voc12 profile and in
+    # training). Measured without ground truth (python -m bench.msa_affinity: images and image labels
+    # only, 20 train images, this profile's checkpoints after 16 / 6 epochs): 90 / 92 % of the scratch
+    # width-0.125 network's layer-3 cosine affinities are >= 0.6 (median 0.79 / 0.84), so each AP
+    # step averages a CAM over most of the grid; after 8 steps a CAM that fires is >= half its peak
+    # on 97 / 100 % of the image (26 / 28 % without AP): the propagated CAMs no longer locate objects.
+    "infer_msa": {"scales": (0.5, 1.0, 1.5, 2.0), "ap_steps": 0, "ap_threshold": 0.6},
     "train_aff": {"batch_size": 8, "max_epoches": 8, "lr": 0.02, "momentum": 0.9, "crop_size": 112},
     # Background exponent of the random walk: the one that reproduces the best seed threshold.
     # The walk runs 2^logt steps; VOC's logt 8 is for a 56 x 56 grid, this 14 x 14 grid has a
@@ -98,6 +113,12 @@ PROFILES: dict[str, dict[str, Any]] = {
         "train_sipe": {"batch_size": 16, "max_epoches": 5, "lr": 0.1, "momentum": 1e-4, "crop_size": 512,
                        "resize_long": (320, 640)},
         "infer_sipe": {"scales": (1.0, 0.5, 1.5, 2.0)},
+        # MSA's published schedules (train_scn.py / train_msa.py: Adam 5e-5; Nesterov SGD whose
+        # momentum is the reference's 4e-5) and its evaluator: AP 8 steps at 0.6.
+        "train_scn": {"batch_size": 16, "max_epoches": 50, "lr": 5e-5, "crop_size": 512, "resize_long": (320, 640)},
+        "train_msa": {"batch_size": 16, "max_epoches": 12, "lr": 0.1, "momentum": 4e-5, "crop_size": 480,
+                      "resize_long": (320, 640)},
+        "infer_msa": {"scales": (0.5, 1.0, 1.5, 2.0), "ap_steps": 8, "ap_threshold": 0.6},
         "train_aff": {"batch_size": 8, "max_epoches": 8, "lr": 0.1, "momentum": 0.0, "crop_size": 448},
         "infer_aff": {"alpha": 6.0, "beta": 8, "logt": 8},
         "train_irn": {"batch_size": 32, "max_epoches": 3, "lr": 0.1, "momentum": 1e-4, "crop_size": 512},
@@ -121,6 +142,9 @@ PROFILES["tiny"] = {
     "infer_seed": {"scales": (1.0, 1.5)},
     "train_sipe": {**PROFILES["synthetic"]["train_sipe"], "max_epoches": 1, "crop_size": 64, "resize_long": (64, 72)},
     "infer_sipe": {"scales": (1.0, 1.5)},
+    "train_scn": {**PROFILES["synthetic"]["train_scn"], "max_epoches": 1, "crop_size": 64, "resize_long": (64, 72)},
+    "train_msa": {**PROFILES["synthetic"]["train_msa"], "max_epoches": 1, "crop_size": 64, "resize_long": (64, 72)},
+    "infer_msa": {**PROFILES["synthetic"]["infer_msa"], "scales": (1.0,)},
     "train_aff": {**PROFILES["synthetic"]["train_aff"], "max_epoches": 1, "crop_size": 64},
     "train_irn": {**PROFILES["synthetic"]["train_irn"], "max_epoches": 1, "crop_size": 80},
     "make_seg_labels": {**PROFILES["synthetic"]["make_seg_labels"], "crop_size": 80},
@@ -168,6 +192,7 @@ class Paths:
     seed_curve: str     # evaluation curve of the seeds
     crf_masks: str
     rw_masks: str
+    saliency: str       # msa_sal: generated saliency stand-ins
     ir_labels: str      # IRN's confident regions
     irn_masks: str
     deeplab_val: str
@@ -184,6 +209,7 @@ class Paths:
         return cls(work_dir=work_dir, data_root=data_root, results_dir=results_dir,
                    checkpoints=sub("checkpoints"), cam=sub("seed/cam"), cam_bg=sub("seed/cam_bg"), seed_png=sub("seed/seed_png"),
                    crf=sub("seed/crf"), seed_curve=sub("eval/seed_curve"), crf_masks=sub("masks/crf"),
+                   saliency=sub("saliency_standin"),
                    rw_masks=sub("masks/rw"), ir_labels=sub("masks/ir_label"), irn_masks=sub("masks/irn"),
                    deeplab_val=sub("deeplab/val"), deeplab_gt_val=sub("deeplab_gt/val"),
                    deeplab_samples=sub("deeplab/samples"), eval=sub("eval"), stages=sub("stages"),
@@ -217,11 +243,12 @@ class Context:
     results: dict[str, Any] = field(default_factory=dict)
     method: str = "avc"                   # the seed method (network/methods.py)
     seed_imagenet_weights: str | None = None  # ImageNet file of a non-ResNet38 seed backbone (resnet50-19c8e357.pth)
+    sal_dir: str | None = None  # msa_sal: the saliency PNGs (PoolNet's); None = stand-ins (synthetic, small)
 
     @property
     def seed_method(self):
-        from network.methods import METHODS  # imported here: the dry run and the report need no torch
-        return METHODS[self.method]
+        from network.methods import get_seed_method  # imported here: the dry run and the report need no torch
+        return get_seed_method(self.method)
 
     @property
     def seed_session(self) -> str:
@@ -231,6 +258,20 @@ class Context:
     @property
     def seed_on_resnet38(self) -> bool:
         return self.seed_method.backbones[0] == "resnet38"
+
+    @property
+    def seed_family(self) -> str:
+        """'avc' (ResNet38: AVC, SEAM), 'sipe' (SIPE, AE-SIPE) or 'msa' (MSA, MSA-saliency)."""
+        return {"seam": "avc", "sipe": "sipe", "msa": "msa"}[self.seed_method.fusion]
+
+    @property
+    def own_background(self) -> bool:
+        """The seed method has its own background channel (SIPE / AE-SIPE's seed PNGs, IRN variants)."""
+        return self.seed_family == "sipe"
+
+    @property
+    def msa_saliency(self) -> bool:
+        return self.seed_family == "msa" and self.seed_method.variant == "saliency"
     # Stages 4-5: a name of network.segmenters.SEGMENTERS, and its start (DeepLabV2: the COCO
     # or torchvision ResNet-101 file; None = DeepLabV1's usual start, or DeepLabV2 from scratch).
     segmenter: str = "deeplabv1_resnet38"
@@ -272,7 +313,8 @@ def dataset_flags(ctx: Context) -> list[str]:
 def training_flags(ctx: Context, stage: str) -> list[str]:
     settings = ctx.profile[stage]
     flags = ["--batch_size", settings["batch_size"], "--lr", settings["lr"], "--crop_size", settings["crop_size"],
-             "--width_mult", ctx.profile["width_mult"], "--num_workers", ctx.profile["num_workers"],
+             "--width_mult", settings.get("width_mult", ctx.profile["width_mult"]),
+             "--num_workers", ctx.profile["num_workers"],
              "--save_dir", ctx.paths.checkpoints, "--resume", "auto", *weights_flags(ctx, stage)]
     if "max_epoches" in settings:
         flags += ["--max_epoches", settings["max_epoches"]]
@@ -291,9 +333,11 @@ def weights_flags(ctx: Context, stage: str) -> list[str]:
     ImageNet file (AVC's ResNet38 cannot start it)."""
     if stage == "train_irn":
         return ["--weights", ctx.irn_weights] if ctx.irn_weights else []
+    if stage == "train_scn":  # the superpixel FCN always starts from scratch (the reference's does)
+        return []
     if stage.startswith("train_deeplabv2"):
         return ["--weights", ctx.segmenter_weights] if ctx.segmenter_weights else []
-    if stage in ("train_avc", "train_sipe") and not ctx.seed_on_resnet38:
+    if stage in ("train_avc", "train_sipe", "train_msa") and not ctx.seed_on_resnet38:
         return ["--weights", ctx.seed_imagenet_weights] if ctx.seed_imagenet_weights else []
     if ctx.imagenet_weights:
         return ["--weights", ctx.imagenet_weights]
@@ -388,20 +432,22 @@ def build_stages(ctx: Context) -> list[Stage]:
     prepare = ["-m", prepare_module, root_flag, p.data_root]
     if profile["dataset"] == "synthetic":
         prepare += ["--dataset", "synthetic"]
+    stages.append(Stage("prepare", lambda c: prepare, "image lists and cls_labels.npy"))
+    if ctx.seed_family == "msa":
+        stages += msa_input_stages(ctx, train_list, val_list, checkpoint_files)
     stages += [
-        Stage("prepare", lambda c: prepare, "image lists and cls_labels.npy"),
-        Stage("train_avc", lambda c: seed_training_command(c, train_list),
+        Stage("train_msa" if ctx.seed_family == "msa" else "train_avc", lambda c: seed_training_command(c, train_list),
               f"seed classifier ({method.name}: {method.summary})", checkpoint_files(ctx.seed_session)),
         Stage("infer_seed", lambda c: [
             "infer_seed.py", *dataset_flags(c), "--weights", avc_weights, "--infer_list", train_list,
             "--scales", *_strings(profile[seed_settings(c, "infer")]["scales"]), "--out_cam", p.cam,
             "--out_crf", p.crf, "--out_cam_pred", p.seed_png, "--num_workers", workers,
-            *(["--out_cam_bg", p.cam_bg] if not c.seed_on_resnet38 else [])],
+            *(["--out_cam_bg", p.cam_bg] if c.own_background else []), *msa_inference_flags(c)],
             "CAM dicts, seed PNGs, low/high-alpha CRF dicts",
             (p.cam, p.seed_png, crf_dir(p.crf, LOW_ALPHA), crf_dir(p.crf, HIGH_ALPHA))
-            + ((p.cam_bg,) if not ctx.seed_on_resnet38 else ())),
+            + ((p.cam_bg,) if ctx.own_background else ())),
     ]
-    if not ctx.seed_on_resnet38:  # SIPE's seed PNGs: the arg-max with its own background channel, no threshold
+    if ctx.own_background:  # SIPE's seed PNGs: the arg-max with its own background channel, no threshold
         stages.append(Stage("eval_seed_png", lambda c: evaluate("seed_png", p.seed_png, eval_list, "--type", "png"),
                             "seed PNG mIoU (the method's own background)"))
     stages += [
@@ -465,14 +511,84 @@ def build_stages(ctx: Context) -> list[Stage]:
 
 def seed_settings(ctx: Context, kind: str) -> str:
     """The profile section of the seed stage ``kind`` ('train' or 'infer') for the run's method family."""
-    family = "avc" if ctx.seed_on_resnet38 else "sipe"
-    return {"train": f"train_{family}", "infer": "infer_seed" if family == "avc" else "infer_sipe"}[kind]
+    family = ctx.seed_family
+    return {"train": f"train_{family}", "infer": "infer_seed" if family == "avc" else f"infer_{family}"}[kind]
+
+
+def spixel_weights(ctx: Context) -> str:
+    """MSA's superpixel FCN (stage train_scn)."""
+    return os.path.join(ctx.paths.checkpoints, f"{SPIXEL_SESSION}.pth")
+
+
+SPIXEL_SESSION = "spixel"
+
+
+def saliency_dir(ctx: Context) -> str:
+    """msa_sal's saliency PNGs: the user's (``--sal_dir``) or the generated stand-ins."""
+    return ctx.sal_dir or ctx.paths.saliency
+
+
+def msa_input_stages(ctx: Context, train_list: str, val_list: str,
+                     checkpoint_files: Callable[[str], tuple[str, ...]]) -> list[Stage]:
+    """MSA's inputs: the superpixel FCN (and its scores on val), and for msa_sal without
+    ``--sal_dir`` the saliency stand-ins."""
+    settings = ctx.profile["train_scn"]
+    stages = [
+        Stage("train_scn", lambda c: [
+            "train_scn.py", *dataset_flags(c), "--train_list", train_list, "--session_name", SPIXEL_SESSION,
+            *_strings(training_flags(c, "train_scn")), "--resize_long", *_strings(settings["resize_long"])],
+            "superpixel FCN (MSA; images only, no labels)", checkpoint_files(SPIXEL_SESSION)),
+        Stage("eval_spixel", lambda c: [
+            "eval_spixel.py", *dataset_flags(c), "--weights", spixel_weights(c), "--infer_list", val_list,
+            "--out", c.eval_json("spixel")],
+            "superpixel boundary recall / precision / ASA on val (and the regular grid's)", (ctx.eval_json("spixel"),)),
+    ]
+    if ctx.msa_saliency and ctx.sal_dir is None:
+        stages.append(Stage("saliency_standin", lambda c: [
+            "-m", "voc12.saliency", *dataset_flags(c), "--list", train_list, "--out", c.paths.saliency],
+            "saliency STAND-INS from the ground truth (pixel labels; no saliency detector here)",
+            (ctx.paths.saliency,)))
+    return stages
+
+
+def msa_inference_flags(ctx: Context) -> list[str]:
+    """infer_seed.py's flags of an MSA checkpoint: its superpixel FCN and the profile's AP setting."""
+    if ctx.seed_family != "msa":
+        return []
+    settings = ctx.profile["infer_msa"]
+    return ["--spixel_weights", spixel_weights(ctx), "--ap_steps", str(settings["ap_steps"]),
+            "--ap_threshold", str(settings["ap_threshold"])]
+
+
+def result_notes(ctx: Context) -> list[str]:
+    """Lines the results table carries beside its rows: MSA's superpixel scores (stage eval_spixel)
+    and msa_sal's supervision (its saliency maps)."""
+    notes = []
+    spixel = read_json_if_present(ctx.eval_json("spixel")) if ctx.seed_family == "msa" else None
+    if spixel:
+        def scores(name: str) -> str:
+            return " / ".join(f"{100 * spixel[name][key]:.1f}" for key in ("boundary_recall", "boundary_precision", "asa"))
+        notes.append(f"Superpixel FCN on {ctx.profile['val_list']} (boundary recall / precision / ASA, %, tolerance "
+                     f"{spixel['tolerance']}): {scores('spixel_fcn')}; regular 16 x 16 grid: {scores('regular_grid')}.")
+    if ctx.msa_saliency and ctx.sal_dir is None:
+        from voc12.saliency import STANDIN_NOTE  # no torch import
+        notes.append(f"Saliency maps: {STANDIN_NOTE}, so these results are pixel-supervised, not image-level only.")
+    elif ctx.msa_saliency:
+        notes.append(f"Saliency maps from {ctx.sal_dir} (a saliency detector, trained with pixel labels): these "
+                     f"results are not image-level supervised only.")
+    return notes
 
 
 def seed_training_command(ctx: Context, train_list: str) -> list[str]:
-    """train_avc.py for AVC (``--method seam`` for SEAM), train_seed.py --method for the others."""
+    """train_avc.py for AVC (``--method seam`` for SEAM), train_msa.py for MSA (with its superpixel
+    FCN, and saliency maps for msa_sal), train_seed.py --method for the others."""
     section = seed_settings(ctx, "train")
     settings = ctx.profile[section]
+    if ctx.seed_family == "msa":
+        variant = ["--variant", "saliency", "--sal_dir", saliency_dir(ctx)] if ctx.msa_saliency else []
+        return ["train_msa.py", *dataset_flags(ctx), "--train_list", train_list, "--session_name", ctx.seed_session,
+                "--spixel_weights", spixel_weights(ctx), *_strings(training_flags(ctx, section)),
+                "--resize_long", *_strings(settings["resize_long"]), *variant]
     if ctx.seed_on_resnet38:
         script, method_flags = ["train_avc.py"], ([] if ctx.method == "avc" else ["--method", ctx.method])
     else:

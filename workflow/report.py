@@ -48,10 +48,11 @@ def machine_description() -> str:
 
 def collect_results(eval_dir: str, seed_curve_json: str, stage_markers: Sequence[Mapping[str, Any]],
                     profile_name: str, eval_split_names: Mapping[str, str], method: str = "avc",
-                    segmenter_row: str | None = None) -> dict[str, Any]:
+                    segmenter_row: str | None = None, notes: Sequence[str] = ()) -> dict[str, Any]:
     """One dict with the table rows, the best seed threshold, stage times, date and machine.
 
-    ``segmenter_row`` labels the segmentation row (which network and its init)."""
+    ``segmenter_row`` labels the segmentation row (which network and its init); ``notes`` are
+    printed under the title (msa_sal: where its pixel-supervised saliency maps came from)."""
     rows, by_name = [], {}
     curve = read_json_if_present(seed_curve_json)
     for label, name, split in TABLE_ROWS:
@@ -74,7 +75,7 @@ def collect_results(eval_dir: str, seed_curve_json: str, stage_markers: Sequence
     if by_name.get(RATIO_ROW[2]) is not None:
         rows.append(ratio_row(by_name))
     return {"profile": profile_name, "method": method, "date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine_description(),
-            "rows": rows, "stages": [{"stage": m["stage"], "seconds": m["seconds"], "command": m["command"]}
+            "notes": list(notes), "rows": rows, "stages": [{"stage": m["stage"], "seconds": m["seconds"], "command": m["command"]}
                                      for m in stage_markers],
             "total_seconds": round(sum(m["seconds"] for m in stage_markers), 1)}
 
@@ -98,6 +99,7 @@ def _format_value(row: Mapping[str, Any]) -> str:
 
 def format_summary(summary: Mapping[str, Any]) -> str:
     lines = [f"# Results ({summary.get('method', 'avc')} seeds, {summary['profile']}, {summary['date']})", "", f"Machine: {summary['machine']}", "",
+             *(line for note in summary.get("notes", ()) for line in (f"**{note}**", "")),  # a paragraph each
              "| | split | mIoU (%) | background threshold |", "|---|---|---|---|"]
     for row in summary["rows"]:
         miou = _format_value(row)
@@ -159,6 +161,7 @@ def write_page(results_dir: str, info: DatasetInfo, sample_ids: Sequence[str], c
     table = "".join(f"<tr><td>{html.escape(row['row'])}</td><td>{html.escape(row['split'])}</td>"
                     f"<td>{html.escape(_format_value(row))}</td></tr>" for row in summary["rows"])
     header = "".join(f"<th>{html.escape(column)}</th>" for column in PAGE_COLUMNS)
+    notes = "".join(f"<p><strong>{html.escape(note)}</strong></p>" for note in summary.get("notes", ()))
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(summary.get('method', 'avc'))} pipeline results</title>
 <style>body{{font-family:sans-serif;margin:1em}} img{{max-width:160px;display:block}}
@@ -166,6 +169,7 @@ td,th{{padding:4px;text-align:center;vertical-align:top;font-size:12px}} table{{
 </head><body>
 <h1>Pipeline results: {html.escape(summary.get('method', 'avc'))} seeds ({html.escape(summary['profile'])})</h1>
 <p>{html.escape(summary['date'])} &middot; {html.escape(summary['machine'])}</p>
+{notes}
 <table border="1"><tr><th></th><th>split</th><th>mIoU (%)</th></tr>{table}</table>
 <h2>Seed mIoU over background thresholds</h2>
 <img src="seed_curve.png" alt="seed curve" style="max-width:480px">
