@@ -54,11 +54,24 @@ SMALL_PROFILE: dict[str, Any] = {
                    "resize_long": (112, 144)},
     "infer_sipe": {"scales": (1.0, 0.5, 1.5, 2.0)},
     "train_aff": {"batch_size": 8, "max_epoches": 8, "lr": 0.02, "momentum": 0.9, "crop_size": 112},
+    # AffinityNet's la/ha labels at (1, 6) x the seed's own alpha (from the best threshold), written
+    # by refine_mask, instead of VOC's fixed 4 / 24. VOC's la 4 is about the alpha of its seed
+    # threshold (0.26 -> 4.47), so la foreground = seed foreground; here the threshold is 0.47
+    # (alpha 1.19) and la 4 labels CAM > 0.28 as foreground: measured on train (a diagnostic
+    # against the ground truth, not a selection), 18.5 % of the pixels at 55.6 % correct, against
+    # 9.7 % at 82.1 % with la 1.2, and ha 7.1 labels 70.6 % of the pixels background (92.8 %
+    # correct) where ha 24 labelled 32.8 %. Random-walk mask 38.9 -> 39.6.
+    "aff_crf_alphas": (1.0, 6.0),
     # Background exponent of the random walk: the one that reproduces the best seed threshold.
     # The walk runs 2^logt steps; VOC's logt 8 is for a 56 x 56 grid, this 14 x 14 grid has a
     # sixteenth of the pixels, so 2^4 steps spread as far (logt 6 and 8 blur objects into each
     # other). SEAM's --crf (one mean-field step) then snaps the walk to the image edges.
-    "infer_aff": {"alpha_from_threshold": True, "beta": 8, "logt": 4, "flags": ("--crf",)},
+    # walk_from crf: the walk propagates the seeds' dense-CRF marginals (the la dicts above) rather
+    # than the raw CAMs with (1 - max CAM)^alpha: pooled to the 14 x 14 grid, the raw CAMs of small
+    # or weakly activated objects lose to the background before the walk starts, while the CRF has
+    # already snapped them to the image at full resolution. Mask 39.6 -> 41.4 (logt 2 / 3 from the
+    # CAMs: 40.1 / 39.9).
+    "infer_aff": {"alpha_from_threshold": True, "beta": 8, "logt": 4, "walk_from": "crf", "flags": ("--crf",)},
     # IRN: its backbone is ResNet-50 (AVC's ResNet38 cannot start it), so without ImageNet weights it
     # stays random and frozen, as the reference freezes it. 2^8 steps on VOC's ~94 x 125 grid; this
     # 28 x 28 grid has 1/15 of the nodes, so 2^4 steps spread as far (the infer_aff reasoning).
@@ -167,6 +180,7 @@ class Paths:
     crf: str            # prefix of the low/high-alpha CRF dict folders
     seed_curve: str     # evaluation curve of the seeds
     crf_masks: str
+    aff_crf: str        # prefix of the la/ha CRF dict folders refine_mask writes (profile aff_crf_alphas)
     rw_masks: str
     ir_labels: str      # IRN's confident regions
     irn_masks: str
@@ -184,6 +198,7 @@ class Paths:
         return cls(work_dir=work_dir, data_root=data_root, results_dir=results_dir,
                    checkpoints=sub("checkpoints"), cam=sub("seed/cam"), cam_bg=sub("seed/cam_bg"), seed_png=sub("seed/seed_png"),
                    crf=sub("seed/crf"), seed_curve=sub("eval/seed_curve"), crf_masks=sub("masks/crf"),
+                   aff_crf=sub("masks/aff_crf/crf"),
                    rw_masks=sub("masks/rw"), ir_labels=sub("masks/ir_label"), irn_masks=sub("masks/irn"),
                    deeplab_val=sub("deeplab/val"), deeplab_gt_val=sub("deeplab_gt/val"),
                    deeplab_samples=sub("deeplab/samples"), eval=sub("eval"), stages=sub("stages"),
@@ -309,9 +324,20 @@ def irn_mask_flags(ctx: Context) -> list[str]:
 def random_walk_flags(ctx: Context) -> list[str]:
     settings = dict(ctx.profile["infer_aff"])
     switches = list(settings.pop("flags", ()))
-    if settings.pop("alpha_from_threshold", False):
+    if settings.pop("alpha_from_threshold", False) and settings.get("walk_from") != "crf":  # crf: no alpha
         settings["alpha"] = round(alpha_for_threshold(clamped_threshold(ctx)), 3)
     return [f"--{name}={value}" for name, value in settings.items()] + switches
+
+
+def affinity_label_alphas(ctx: Context) -> tuple[float, float]:
+    """The la/ha background exponents of AffinityNet's CRF dicts: the profile's ``aff_crf_alphas``
+    multiples of the seed's alpha (refine_mask writes them), else VOC's fixed 4 / 24 (infer_seed)."""
+    factors = ctx.profile.get("aff_crf_alphas")
+    if not factors:
+        return LOW_ALPHA, HIGH_ALPHA
+    seed_alpha = alpha_for_threshold(float(f"{clamped_threshold(ctx):.2f}"))  # refine_mask's --bg_threshold
+    low, high = (round(factor * seed_alpha, 1) for factor in factors)
+    return low, high
 
 
 def clamped_threshold(ctx: Context) -> float:
@@ -342,7 +368,12 @@ def build_stages(ctx: Context) -> list[Stage]:
         raise DataError(f"unknown refinement {ctx.refine!r}; expected one of {', '.join(REFINEMENTS)}")
     # DeepLab's training masks; the CRF masks then have to cover the training list too.
     pseudo_dir = {"crf": p.crf_masks, "affinitynet": p.rw_masks, "irn": p.irn_masks}[ctx.refine]
-    crf_list = train_list if ctx.refine == "crf" else eval_list
+    # AffinityNet's la/ha CRF dicts: from refine_mask at the seed's alpha (profile aff_crf_alphas),
+    # else from infer_seed at VOC's fixed alphas.
+    dicts_from_refine = ctx.refine == "affinitynet" and bool(profile.get("aff_crf_alphas"))
+    aff_crf = p.aff_crf if dicts_from_refine else p.crf
+    crf_list = train_list if ctx.refine == "crf" or dicts_from_refine else eval_list
+    walk_from_crf = profile["infer_aff"].get("walk_from") == "crf"
     # IRN's sipe / ae_sipe variants read the one-based dicts with the method's own background.
     irn_cams = p.cam if ctx.irn_variant == "irn" else p.cam_bg
     deeplab_weights = os.path.join(p.checkpoints, f"{ctx.deeplab_session}.pth")
@@ -395,10 +426,10 @@ def build_stages(ctx: Context) -> list[Stage]:
         Stage("infer_seed", lambda c: [
             "infer_seed.py", *dataset_flags(c), "--weights", avc_weights, "--infer_list", train_list,
             "--scales", *_strings(profile[seed_settings(c, "infer")]["scales"]), "--out_cam", p.cam,
-            "--out_crf", p.crf, "--out_cam_pred", p.seed_png, "--num_workers", workers,
+            *([] if dicts_from_refine else ["--out_crf", p.crf]), "--out_cam_pred", p.seed_png, "--num_workers", workers,
             *(["--out_cam_bg", p.cam_bg] if not c.seed_on_resnet38 else [])],
-            "CAM dicts, seed PNGs, low/high-alpha CRF dicts",
-            (p.cam, p.seed_png, crf_dir(p.crf, LOW_ALPHA), crf_dir(p.crf, HIGH_ALPHA))
+            "CAM dicts, seed PNGs" + ("" if dicts_from_refine else ", low/high-alpha CRF dicts"),
+            (p.cam, p.seed_png) + (() if dicts_from_refine else (crf_dir(p.crf, LOW_ALPHA), crf_dir(p.crf, HIGH_ALPHA)))
             + ((p.cam_bg,) if not ctx.seed_on_resnet38 else ())),
     ]
     if not ctx.seed_on_resnet38:  # SIPE's seed PNGs: the arg-max with its own background channel, no threshold
@@ -410,20 +441,25 @@ def build_stages(ctx: Context) -> list[Stage]:
               "seed mIoU over background thresholds", (ctx.eval_json("seed"), p.seed_curve)),
         Stage("refine_mask", lambda c: [
             "refine_mask.py", *dataset_flags(c), "--list", crf_list, "--cam_dir", p.cam, "--out_dir", p.crf_masks,
-            "--bg_threshold", f"{clamped_threshold(c):.2f}"],
-            "dense-CRF pseudo masks", (p.crf_masks,)),
+            "--bg_threshold", f"{clamped_threshold(c):.2f}",
+            *(["--out_crf", p.aff_crf, "--crf_alphas", *_strings(affinity_label_alphas(c))] if dicts_from_refine else [])],
+            "dense-CRF pseudo masks" + (" and AffinityNet's la/ha CRF dicts" if dicts_from_refine else ""),
+            (p.crf_masks,) + ((os.path.dirname(p.aff_crf),) if dicts_from_refine else ())),
         Stage("eval_crf", lambda c: evaluate("crf", p.crf_masks, eval_list, "--type", "png"), "CRF mask mIoU",
               (ctx.eval_json("crf"),)),
     ]
     affinitynet = [
         Stage("train_aff", lambda c: [
             "train_aff.py", *dataset_flags(c), "--train_list", train_list, "--session_name", "aff",
-            "--la_crf_dir", crf_dir(p.crf, LOW_ALPHA), "--ha_crf_dir", crf_dir(p.crf, HIGH_ALPHA),
+            "--la_crf_dir", crf_dir(aff_crf, affinity_label_alphas(c)[0]),
+            "--ha_crf_dir", crf_dir(aff_crf, affinity_label_alphas(c)[1]),
             *_strings(training_flags(c, "train_aff"))],
             "AffinityNet", checkpoint_files("aff")),
         Stage("infer_aff", lambda c: [
             "infer_aff.py", *dataset_flags(c), "--weights", aff_weights, "--infer_list", train_list,
-            "--cam_dir", p.cam, "--out_rw", p.rw_masks, *random_walk_flags(c),
+            # walk_from crf: the la dicts are the seeds' CRF marginals at the seed's own alpha.
+            "--cam_dir", crf_dir(aff_crf, affinity_label_alphas(c)[0]) if walk_from_crf else p.cam,
+            "--out_rw", p.rw_masks, *random_walk_flags(c),
             "--num_workers", workers],
             "random-walk pseudo masks", (p.rw_masks,)),
         Stage("eval_rw", lambda c: evaluate("rw", p.rw_masks, eval_list, "--type", "png"),
