@@ -41,7 +41,7 @@ from tool.logs import config_dict, save_config, setup_logging
 from tool.outputs import OutputRecord
 from tool.parallel import run_images
 from tool.random_walk import (FEATURE_STRIDE, AffinityGraph, padded_size, random_walk, random_walk_labels,
-                              rw_scores_from_cam_dict)
+                              rw_scores_from_cam_dict, rw_scores_from_crf_dict)
 from voc12.data import CamDictDataset
 from workflow.datasets import DATASET_NAMES, get_dataset_info
 
@@ -58,7 +58,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--weights", required=True, help="trained AffinityNet (.pth: ours, PSA's or SEAM's)")
     add_inference_model_args(parser)
     parser.add_argument("--infer_list", default=None, help="image ids (default: <root>/train.txt)")
-    parser.add_argument("--cam_dir", required=True, help="folder of the CAM dicts <id>.npy (infer_seed.py --out_cam)")
+    parser.add_argument("--cam_dir", required=True, help="folder of the CAM dicts <id>.npy (infer_seed.py --out_cam); "
+                        "with --walk_from crf, of the CRF dicts (refine_mask.py --out_crf)")
+    parser.add_argument("--walk_from", choices=("cam", "crf"), default="cam",
+                        help="what the walk propagates: the CAMs with background (1 - max CAM)^alpha (PSA, SEAM), "
+                             "or the dense-CRF marginals of the seeds (--alpha unused)")
     parser.add_argument("--out_rw", required=True, help="folder for the random-walk label PNGs")
     parser.add_argument("--alpha", type=positive_float, default=6.0,
                         help="background score (1 - max CAM)^alpha (SEAM 6, PSA 16)")
@@ -97,13 +101,16 @@ class RandomWalkDataset(CamDictDataset):
     """``{"id", "image" (uint8 HxWx3), "input" (float32 3 x Hp x Wp, normalised, zero-padded),
     "cam_dict", "cam_path"}``; use :func:`voc12.data.collate_single` with ``batch_size=1``."""
 
+    one_based = False  # True: the dicts are CRF dicts (key 0 = background), as --walk_from crf reads
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         image_id = self.ids[index]
         image = read_rgb_image(self.info.image_path(image_id))
         padded = pad_to_stride(T.normalize(image))
         cam_path = self.cam_path(image_id)
         return {"id": image_id, "image": image, "input": torch.from_numpy(T.hwc_to_chw(padded)),
-                "cam_dict": load_score_dict(cam_path, self.info.num_classes), "cam_path": cam_path}
+                "cam_dict": load_score_dict(cam_path, self.info.num_classes, one_based=self.one_based),
+                "cam_path": cam_path}
 
 
 def crf_labels(walked: torch.Tensor, padded_input: torch.Tensor, image_hw: tuple[int, int]) -> np.ndarray:
@@ -133,7 +140,10 @@ def walk_scores(model: AffinityNet, item: dict[str, Any], num_classes: int, args
     except ValueError as error:  # a map too small for any pair
         raise DataError(f"{item['id']}: image {image_hw[0]}x{image_hw[1]} is too small for the walk ({error})") \
             from error
-    scores = rw_scores_from_cam_dict(item["cam_dict"], num_classes, args.alpha, image_hw, source=item["cam_path"])
+    if getattr(args, "walk_from", "cam") == "crf":
+        scores = rw_scores_from_crf_dict(item["cam_dict"], num_classes, image_hw, source=item["cam_path"])
+    else:
+        scores = rw_scores_from_cam_dict(item["cam_dict"], num_classes, args.alpha, image_hw, source=item["cam_path"])
     return random_walk(graph, scores, beta=args.beta, logt=args.logt).cpu()
 
 
@@ -176,6 +186,7 @@ def run(args: argparse.Namespace) -> int:
         if not todo:
             return 0
         dataset = RandomWalkDataset(info, todo, args.cam_dir, source=infer_list)
+        dataset.one_based = args.walk_from == "crf"
         model = load_for_inference(lambda width: build_model("affinity", width_mult=width, radius=args.radius),
                                    args.weights, args.width_mult, device)
         model = inference_layout(model, device, args.precision)

@@ -25,7 +25,8 @@ from tqdm import tqdm
 
 from tool.cam import SEAM_SEED_BG_THRESHOLD, alpha_for_threshold
 from tool.cli import add_dataset_args, add_overwrite_arg, add_parallel_args, positive_int, run_cli
-from tool.crf import SEED_CRF, CrfParams, crf_label
+from tool.contract import crf_dir
+from tool.crf import SEED_CRF, CrfParams, crf_label, write_crf_dicts
 from tool.datasets import DatasetInfo
 from tool.fileio import (IMAGE_CHECK_CACHE, DataError, check_images_decode, load_score_dict, pending_ids,
                          read_id_list, read_rgb_image, require_files, save_palette_png)
@@ -45,6 +46,7 @@ class RefineJob:
     image_path: str
     cam_path: str
     out_path: str
+    out_crf: str | None = None   # prefix of the CRF dict folders (``--out_crf``), or None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +54,7 @@ class RefineSettings:
     num_classes: int
     bg_alpha: float
     crf: CrfParams = SEED_CRF
+    crf_alphas: tuple[float, ...] = ()  # alphas of the CRF dicts written beside the mask
 
 
 def refine_image(job: RefineJob, settings: RefineSettings) -> str:
@@ -63,6 +66,8 @@ def refine_image(job: RefineJob, settings: RefineSettings) -> str:
         raise DataError(f"{job.cam_path}: CAM size {first_cam.shape[0]}x{first_cam.shape[1]} does not "
                         f"match image {job.image_path} ({image.shape[0]}x{image.shape[1]})")
     save_palette_png(job.out_path, crf_label(image, cam_dict, settings.bg_alpha, settings.crf))
+    if job.out_crf and settings.crf_alphas:
+        write_crf_dicts(image, cam_dict, job.image_id, job.out_crf, settings.crf_alphas, settings.crf)
     return job.image_id
 
 
@@ -86,6 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="seed background threshold the default alpha is derived from")
     parser.add_argument("--bg_alpha", type=float, default=None,
                         help="background = (1 - max CAM)^alpha; none: ln(t)/ln(1-t) of --bg_threshold")
+    parser.add_argument("--out_crf", default=None,
+                        help="also write CRF dicts <out_crf>_<alpha>/<id>.npy (AffinityNet's la/ha labels, "
+                             "as infer_seed.py --out_crf) for each --crf_alpha")
+    parser.add_argument("--crf_alphas", type=float, nargs="+", default=(),
+                        help="background exponents of the --out_crf dicts")
     parser.add_argument("--num_workers", type=positive_int, default=None,
                         help="CRF processes (1: in this process; default: --threads)")
     add_parallel_args(parser, batching=False)
@@ -118,15 +128,29 @@ def resolve_settings(args: argparse.Namespace, num_classes: int) -> RefineSettin
     crf = CrfParams(iterations=args.crf_iters, gauss_sxy=args.crf_gauss_sxy, gauss_compat=args.crf_gauss_compat,
                     bilateral_sxy=args.crf_bilateral_sxy, bilateral_srgb=args.crf_bilateral_srgb,
                     bilateral_compat=args.crf_bilateral_compat)
-    return RefineSettings(num_classes=num_classes, bg_alpha=args.bg_alpha, crf=crf)
+    alphas = tuple(args.crf_alphas)
+    if any(alpha <= 0 for alpha in alphas):
+        raise DataError(f"CRF dict alphas must be positive, got {alphas}")
+    if bool(alphas) != bool(args.out_crf):
+        raise DataError("--out_crf and --crf_alphas go together")
+    return RefineSettings(num_classes=num_classes, bg_alpha=args.bg_alpha, crf=crf, crf_alphas=alphas)
+
+
+def job_outputs(image_id: str, out_dir: str, out_crf: str | None = None,
+                crf_alphas: Sequence[float] = ()) -> list[str]:
+    """The files one image's job writes: the mask PNG, and a CRF dict per alpha."""
+    dicts = [os.path.join(crf_dir(out_crf, alpha), f"{image_id}.npy") for alpha in crf_alphas] if out_crf else []
+    return [os.path.join(out_dir, image_id + ".png"), *dicts]
 
 
 def plan_jobs(image_ids: Sequence[str], dataset_info: DatasetInfo, cam_dir: str,
-              out_dir: str) -> tuple[list[RefineJob], int]:
-    """Jobs for the images without a PNG yet, and how many were skipped; inputs must exist."""
-    todo = pending_ids(dict.fromkeys(image_ids), lambda image_id: [os.path.join(out_dir, image_id + ".png")])
+              out_dir: str, out_crf: str | None = None,
+              crf_alphas: Sequence[float] = ()) -> tuple[list[RefineJob], int]:
+    """Jobs for the images whose outputs are not all written yet, and how many were skipped;
+    inputs must exist."""
+    todo = pending_ids(dict.fromkeys(image_ids), lambda image_id: job_outputs(image_id, out_dir, out_crf, crf_alphas))
     jobs = [RefineJob(image_id, dataset_info.image_path(image_id), os.path.join(cam_dir, image_id + ".npy"),
-                      os.path.join(out_dir, image_id + ".png")) for image_id in todo]
+                      os.path.join(out_dir, image_id + ".png"), out_crf) for image_id in todo]
     require_files([job.cam_path for job in jobs], "CAM dicts", cam_dir)
     require_files([job.image_path for job in jobs], "images", dataset_info.root)
     check_images_decode([job.image_path for job in jobs], os.path.join(dataset_info.root, IMAGE_CHECK_CACHE))
@@ -138,10 +162,13 @@ def run(args: argparse.Namespace) -> None:
     image_ids = read_id_list(args.list) if args.list else info.read_list("train")
     settings = resolve_settings(args, info.num_classes)
     logger.info("configuration: %s", config_dict(args))
-    OutputRecord("refine_mask", args, lambda image_id: [os.path.join(args.out_dir, image_id + ".png")]).start(image_ids)
-    jobs, skipped = plan_jobs(image_ids, info, args.cam_dir, args.out_dir)
-    logger.info("%d images in the list, %d already done, %d to refine (alpha %.4g)",
-                len(set(image_ids)), skipped, len(jobs), settings.bg_alpha)
+    def outputs(image_id: str) -> list[str]:
+        return job_outputs(image_id, args.out_dir, args.out_crf, settings.crf_alphas)
+    OutputRecord("refine_mask", args, outputs).start(image_ids)
+    jobs, skipped = plan_jobs(image_ids, info, args.cam_dir, args.out_dir, args.out_crf, settings.crf_alphas)
+    logger.info("%d images in the list, %d already done, %d to refine (alpha %.4g%s)",
+                len(set(image_ids)), skipped, len(jobs), settings.bg_alpha,
+                f"; CRF dicts at alphas {', '.join(map(str, settings.crf_alphas))}" if settings.crf_alphas else "")
     os.makedirs(args.out_dir, exist_ok=True)
     refine_all(jobs, settings, args.num_workers or args.threads)
 

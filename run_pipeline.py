@@ -227,7 +227,8 @@ def build_report(ctx: Context, stages) -> str:
 def segmenter_row(ctx: Context) -> str:
     """The segmentation row's label: which network, and its init as the training recorded it."""
     config = read_json_if_present(os.path.join(ctx.paths.checkpoints, f"{ctx.deeplab_session}_config.json")) or {}
-    return f"{ctx.segmenter_title} (init: {config.get('init_description', 'not recorded')})"
+    masks = f" on the {ctx.deeplab_masks.upper()} masks" if ctx.deeplab_masks != ctx.refine else ""
+    return f"{ctx.segmenter_title}{masks} (init: {config.get('init_description', 'not recorded')})"
 
 
 if __name__ == "__main__":

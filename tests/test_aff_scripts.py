@@ -19,7 +19,7 @@ from tests.helpers_torchrun import assert_ranks_agree_with_checkpoint, train_on_
 from tests.reference_data import load_reference, reference_cam_dict, reference_graph
 from tool.checkpoint import read_checkpoint
 from tool.fileio import DataError, atomic_write_text, read_label_png, save_npy, save_rgb_image
-from tool.random_walk import AffinityGraph
+from tool.random_walk import AffinityGraph, rw_scores_from_crf_dict
 
 HEIGHT, WIDTH = 56, 60          # width not a multiple of 8: infer_aff pads to 56 x 64 (7 x 8 grid)
 CROP = 56                       # 7 x 7 label grid: SEAM's rule gives radius 3
@@ -221,3 +221,30 @@ def test_infer_refuses_a_classifier_checkpoint(data, tmp_path):
     assert "does not match AffinityNet" in message
     assert "missing keys" in message and "f8_5.weight" in message
     assert "unexpected keys" in message and "fc8.weight" in message
+
+
+def test_walk_from_crf_propagates_the_crf_marginals(data, trained, tmp_path):
+    """--walk_from crf: the walk starts from a CRF dict's marginals (key 0 = background, no alpha),
+    pooled 8 x 8 over the zero-padded map, and writes labels of the dict's classes."""
+    info = infer_aff.get_dataset_info("synthetic", data["root"])
+    crf_dicts = str(tmp_path / "crf_dicts")
+    for image_id in IDS:  # the la dicts stand in for refine_mask --out_crf's (same format)
+        la = np.load(os.path.join(data["la"], f"{image_id}.npy"), allow_pickle=True).item()
+        save_npy(os.path.join(crf_dicts, f"{image_id}.npy"), la)
+    dataset = infer_aff.RandomWalkDataset(info, ["img0"], crf_dicts)
+    dataset.one_based = True
+    item = dataset[0]
+    scores = rw_scores_from_crf_dict(item["cam_dict"], info.num_classes, item["image"].shape[:2])
+    assert tuple(scores.shape) == (info.num_classes + 1, 7, 8)
+    padded = np.zeros((info.num_classes + 1, 56, 64), np.float32)
+    for key, value in item["cam_dict"].items():
+        padded[key, :, :WIDTH] = value
+    np.testing.assert_allclose(scores.numpy(), padded.reshape(-1, 7, 8, 8, 8).mean(axis=(2, 4)), rtol=1e-5, atol=1e-6)
+    out_rw = str(tmp_path / "rw")
+    argv = _infer_argv(data, trained["weights"], out_rw, "--logt", "2", "--walk_from", "crf")
+    argv[argv.index("--cam_dir") + 1] = crf_dicts
+    assert infer_aff.run(infer_aff.parse_args(argv)) == len(IDS)
+    for image_id in IDS:
+        label = read_label_png(os.path.join(out_rw, f"{image_id}.png"))
+        keys = np.load(os.path.join(crf_dicts, f"{image_id}.npy"), allow_pickle=True).item().keys()
+        assert label.shape == (HEIGHT, WIDTH) and set(np.unique(label)) <= set(keys)

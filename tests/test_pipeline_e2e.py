@@ -58,17 +58,20 @@ def all_background_miou(data_root: str, split: str) -> float:
     return 100.0 * matrix.mean_iou()
 
 
-# Rows the one-minute tiny profile (one epoch, four DeepLab steps) lifts above predicting background
-# everywhere. Measured: seed 21.5 and +CRF 23.4 against 19.9 on train; the random walk (11.1) and
-# DeepLab (3.1; on ground truth 19.3 = the val baseline) need more training than the test can afford.
-ABOVE_BASELINE_IN_TINY = ("Seed", "+CRF")
+# Every row but DeepLab on the pseudo masks beats predicting background everywhere (measured: seed
+# 21.5, +CRF 23.4, walk 25.4 against 19.9 on train; DeepLab on the ground truth 57.4 against 19.3
+# on val). The one-epoch classifier's CRF masks miss two thirds of the background (background IoU
+# 28 %; the walk's 30 %), so DeepLab trained on them, or on the walk's, predicts one class nearly
+# everywhere (3.1), and 10 classifier epochs instead of 1 made the seeds worse (17.8, DeepLab on
+# the ground truth back at 19.3); that row is checked against the table only.
+BELOW_BASELINE_IN_TINY = ("DeepLabV1-ResNet38 on the CRF masks (init: backbone of avc.pth)",)
 
 
 def test_results_table_rows_and_the_all_background_baseline(tiny_run):
     work_dir, results_dir, stdout = tiny_run
     summary = json.loads((results_dir / "summary.json").read_text())
     rows = {row["row"]: row for row in summary["rows"]}
-    deeplab = "DeepLabV1-ResNet38 (init: backbone of avc.pth)"  # the network and its init
+    deeplab = "DeepLabV1-ResNet38 on the CRF masks (init: backbone of avc.pth)"  # network, masks, init
     assert list(rows) == ["Seed", "+CRF", "Mask (random walk)", deeplab, "DeepLab on ground truth",
                           "DeepLab pseudo / ground truth"]
     baselines = {split: all_background_miou(str(work_dir / "data"), split) for split in ("train", "val")}
@@ -78,7 +81,7 @@ def test_results_table_rows_and_the_all_background_baseline(tiny_run):
             assert row["ratio_percent"] == pytest.approx(ratio)
             continue
         assert 0.0 <= row["miou"] <= 100.0
-        if name in ABOVE_BASELINE_IN_TINY:
+        if name not in BELOW_BASELINE_IN_TINY:
             baseline = baselines[row["split"]]
             assert row["miou"] > baseline, f"{name}: {row['miou']:.1f} vs all-background {baseline:.1f}"
     assert 0.0 <= rows["Seed"]["bg_threshold"] <= 0.59

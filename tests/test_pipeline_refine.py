@@ -46,7 +46,10 @@ def test_crf_and_affinitynet_refinements(tmp_path):
     assert _deeplab_pseudo_dir(crf) == crf.paths.crf_masks
     aff = _context(tmp_path, "affinitynet")
     assert "train_aff" in [stage.name for stage in build_stages(aff)]
-    assert _deeplab_pseudo_dir(aff) == aff.paths.rw_masks
+    # The small profiles train DeepLab on the CRF masks (profile deeplab_masks; the walk's row stays).
+    assert aff.deeplab_masks == "crf" and _deeplab_pseudo_dir(aff) == aff.paths.crf_masks
+    published = Context("voc12", PROFILES["voc12"], aff.paths, refine="affinitynet")
+    assert published.deeplab_masks == "affinitynet" and _deeplab_pseudo_dir(published) == aff.paths.rw_masks
     with pytest.raises(DataError, match="unknown refinement"):
         build_stages(_context(tmp_path, "psa"))
 

@@ -43,7 +43,9 @@ def test_results_row_names_the_network_and_its_recorded_init(tmp_path):
     (tmp_path / "checkpoints" / "deeplabv2_config.json").write_text(
         json.dumps({"init_description": "COCO segmentation (deeplabv1_resnet101-coco.pth, pixel labels)"}))
     label = run_pipeline.segmenter_row(ctx)
-    assert label == "DeepLabV2-ResNet101 (init: COCO segmentation (deeplabv1_resnet101-coco.pth, pixel labels))"
+    # The synthetic profile trains DeepLab on the CRF masks, not the walk's (--refine affinitynet): said.
+    assert label == ("DeepLabV2-ResNet101 on the CRF masks (init: COCO segmentation (deeplabv1_resnet101-coco.pth, "
+                     "pixel labels))")
     rows = collect_results(str(tmp_path / "eval"), str(tmp_path / "none.json"), [], "synthetic", {},
                            segmenter_row=label)["rows"]
     assert rows[-1]["row"] == label and rows[0]["row"] == "Seed"

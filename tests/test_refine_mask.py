@@ -1,6 +1,7 @@
 """refine_mask.py end to end on two tiny images: PNGs, resume, errors, pool vs in-process."""
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -11,8 +12,8 @@ from PIL import Image
 import refine_mask
 from tool.cam import alpha_for_threshold
 from tool.cli import main_exit_code
-from tool.contract import VOC_PALETTE
-from tool.crf import crf_label
+from tool.contract import VOC_PALETTE, crf_dir
+from tool.crf import crf_label, crf_with_alpha
 from tool.fileio import read_label_png, read_rgb_image, save_npy, save_rgb_image
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -120,3 +121,27 @@ def test_subprocess_with_pool_matches_in_process(dataset):
     for image_id in IDS:
         np.testing.assert_array_equal(read_label_png(os.path.join(dataset["out"], f"{image_id}.png")),
                                       expected[image_id])
+
+
+def test_out_crf_writes_the_crf_dicts_beside_the_masks(dataset, tmp_path):
+    """--out_crf / --crf_alphas: AffinityNet's la/ha dicts from the same CRF code as infer_seed.py."""
+    prefix = str(tmp_path / "dicts" / "crf")
+    refine_mask.main(_argv(dataset, "--out_crf", prefix, "--crf_alphas", "1.2", "7.1"))
+    for image_id in IDS:
+        image = read_rgb_image(os.path.join(dataset["root"], "JPEGImages", f"{image_id}.jpg"))
+        cam_dict = np.load(os.path.join(dataset["cam_dir"], f"{image_id}.npy"), allow_pickle=True).item()
+        for alpha in (1.2, 7.1):
+            written = np.load(os.path.join(crf_dir(prefix, alpha), f"{image_id}.npy"), allow_pickle=True).item()
+            expected = crf_with_alpha(image, cam_dict, alpha)
+            assert sorted(written) == sorted(expected) == [0] + [key + 1 for key in KEYS[image_id]]
+            for key in expected:
+                np.testing.assert_allclose(written[key], expected[key], rtol=1e-6)
+    # A dict folder removed by hand makes its images pending again, masks kept.
+    shutil.rmtree(crf_dir(prefix, 7.1))
+    refine_mask.main(_argv(dataset, "--out_crf", prefix, "--crf_alphas", "1.2", "7.1"))
+    assert all(os.path.isfile(os.path.join(crf_dir(prefix, 7.1), f"{image_id}.npy")) for image_id in IDS)
+
+
+def test_out_crf_needs_its_alphas(dataset, tmp_path, capsys):
+    assert main_exit_code(refine_mask.main, _argv(dataset, "--out_crf", str(tmp_path / "crf"))) == 2
+    assert "--out_crf and --crf_alphas go together" in capsys.readouterr().err

@@ -232,6 +232,25 @@ def rw_scores_from_cam_dict(cam_dict: Mapping[int, np.ndarray], num_classes: int
     return F.avg_pool2d(torch.from_numpy(full), FEATURE_STRIDE, FEATURE_STRIDE)
 
 
+def rw_scores_from_crf_dict(crf_dict: Mapping[int, np.ndarray], num_classes: int, image_hw: tuple[int, int],
+                            source: str = "CRF dict") -> torch.Tensor:
+    """Score maps for the walk from a CRF dict (keys 0 = background, c + 1 = class c: the dense-CRF
+    marginals of the seeds, refine_mask.py --out_crf), zero-padded and 8 x 8 average-pooled as
+    :func:`rw_scores_from_cam_dict`; the background is the CRF's own, no alpha."""
+    height, width = image_hw
+    full = np.zeros((num_classes + 1, height, width), dtype=np.float32)
+    for key, scores in crf_dict.items():
+        if not 0 <= int(key) <= num_classes:
+            raise DataError(f"{source}: key {key} is outside 0..{num_classes}")
+        if tuple(scores.shape) != (height, width):
+            raise DataError(f"{source}: key {key} map is {scores.shape[0]}x{scores.shape[1]}, "
+                            f"the image is {height}x{width}")
+        full[int(key)] = scores
+    padded_h, padded_w = padded_size(image_hw)
+    full = np.pad(full, ((0, 0), (0, padded_h - height), (0, padded_w - width)))
+    return F.avg_pool2d(torch.from_numpy(full), FEATURE_STRIDE, FEATURE_STRIDE)
+
+
 def random_walk_labels(walked_scores: torch.Tensor, image_hw: tuple[int, int]) -> np.ndarray:
     """Label map (H, W) uint8 from walked scores (C, h, w): x8 bilinear (align_corners=False,
     as the reference's ``nn.Upsample``), arg-max over channels (0 bg, c + 1 class c), crop."""
