@@ -20,7 +20,7 @@ import train_avc
 from network.avc import AVCNet
 from network.weights import load_trained
 from tests import helpers_toy_train
-from tool.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
+from tool.checkpoint import load_checkpoint, non_finite_keys, read_checkpoint, save_checkpoint
 from tool.cli import main_exit_code
 from tool.distributed import setup_distributed
 from tool.fileio import (DataError, atomic_write_text, check_images_decode, read_id_list,
@@ -156,6 +156,14 @@ def test_non_finite_checkpoints_are_never_written_nor_loaded(tmp_path):
         load_checkpoint(path, nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)))
     with pytest.raises(DataError, match="poisoned.pth: 1 tensors are not finite"):
         load_trained(nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)), path)
+
+
+def test_the_finite_check_sees_every_nan_and_inf_and_no_overflow():
+    big = torch.full((8,), 3e38)  # finite entries whose sum overflows to inf: still finite
+    nan, inf = torch.ones(5), torch.ones(2, 3)
+    nan[3], inf[1, 2] = float("nan"), float("-inf")
+    state = {"big": big, "nan": nan, "nested": {"inf": inf, "ok": torch.zeros(3)}, "ints": torch.arange(4)}
+    assert non_finite_keys(state) == ["nan", "nested.inf"]
 
 
 def test_nan_cam_dicts_are_neither_written_nor_scored(tmp_path, capsys):
