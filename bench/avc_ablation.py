@@ -85,25 +85,39 @@ def run_one(root: str, run_dir: str, config: str, seed: int, max_epoches: int) -
               "--list", os.path.join(root, "train.txt"), "--predict_dir", os.path.join(run_dir, "cam"),
               "--type", "npy", "--curve", "--out_json", result_path], os.path.join(run_dir, "eval.log"))
         print(f"{run_dir}: {time.time() - start:.0f} s", flush=True)
-    with open(result_path) as f:
+    return read_result(run_dir)
+
+
+def read_result(run_dir: str) -> dict:
+    """Best point of a finished run's threshold curve (mIoU in %)."""
+    with open(os.path.join(run_dir, "curve.json")) as f:
         curve = json.load(f)
     return {"miou": 100 * curve["best_miou"], "threshold": curve["best_threshold"]}
 
 
 def table(results: dict, datasets: Sequence[str], configs: Sequence[str], seeds: Sequence[int],
           max_epoches: int) -> str:
-    lines = [f"Seed mIoU (%) on train, {len(seeds)} training seeds ({', '.join(map(str, seeds))}), "
-             f"{max_epoches} epochs; best of the threshold curve 0.00..0.59 (chosen on GT, as SEAM's evaluation).",
-             "", "| dataset | configuration | per seed | mean | std | range | - SEAM |",
+    """Markdown table: per seed, mean, sample std and range; the gain over SEAM is the mean of the
+    per-seed differences (paired: the same training seed gives the same data order and CAM path).
+    Runs missing from ``results`` show as '-' and are left out of the statistics."""
+    lines = [f"Seed mIoU (%) on train, training seeds {', '.join(map(str, seeds))}, {max_epoches} epochs; "
+             "best of the threshold curve 0.00..0.59 (chosen on GT, as SEAM's evaluation).",
+             "", "| dataset | configuration | per seed | mean | std | range | - SEAM (paired, per seed) |",
              "|---|---|---|---|---|---|---|"]
     for dataset in datasets:
-        seam = [results[dataset, "seam", s]["miou"] for s in seeds] if "seam" in configs else None
         for config in configs:
-            values = [results[dataset, config, s]["miou"] for s in seeds]
+            done = [s for s in seeds if (dataset, config, s) in results]
+            if not done:
+                continue
+            values = [results[dataset, config, s]["miou"] for s in done]
             mean = statistics.mean(values)
             std = statistics.stdev(values) if len(values) > 1 else 0.0
-            per_seed = " / ".join(f"{v:.1f}" for v in values)
-            gain = f"{mean - statistics.mean(seam):+.1f}" if seam and config != "seam" else ""
+            per_seed = " / ".join(f"{results[dataset, config, s]['miou']:.1f}" if s in done else "-" for s in seeds)
+            gain = ""
+            paired = [s for s in done if (dataset, "seam", s) in results]
+            if config != "seam" and paired:
+                diffs = [results[dataset, config, s]["miou"] - results[dataset, "seam", s]["miou"] for s in paired]
+                gain = f"{statistics.mean(diffs):+.1f} ({' / '.join(f'{d:+.1f}' for d in diffs)})"
             lines.append(f"| {dataset} | {config} | {per_seed} | {mean:.1f} | {std:.1f} | "
                          f"{min(values):.1f}..{max(values):.1f} | {gain} |")
     return "\n".join(lines) + "\n"
@@ -117,18 +131,27 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--datasets", nargs="+", choices=sorted(DATASETS), default=["default", "d2"])
     parser.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS))
     parser.add_argument("--jobs", type=int, default=1, help="runs in parallel (one thread each)")
+    parser.add_argument("--table_only", action="store_true",
+                        help="only tabulate the finished runs (missing ones show as '-')")
     args = parser.parse_args(argv)
 
-    roots = {name: make_dataset(args.out, name) for name in args.datasets}
     keys = [(d, c, s) for s in args.seeds for d in args.datasets for c in args.configs]
 
-    def job(key):
+    def run_dir(key) -> str:
         dataset, config, seed = key
-        run_dir = os.path.join(args.out, f"e{args.max_epoches}", dataset, f"{config}_s{seed}")
-        return key, run_one(roots[dataset], run_dir, config, seed, args.max_epoches)
+        return os.path.join(args.out, f"e{args.max_epoches}", dataset, f"{config}_s{seed}")
 
-    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        results = dict(pool.map(job, keys))
+    if args.table_only:
+        results = {key: read_result(run_dir(key)) for key in keys
+                   if os.path.isfile(os.path.join(run_dir(key), "curve.json"))}
+    else:
+        roots = {name: make_dataset(args.out, name) for name in args.datasets}
+
+        def job(key):
+            return key, run_one(roots[key[0]], run_dir(key), key[1], key[2], args.max_epoches)
+
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            results = dict(pool.map(job, keys))
     text = table(results, args.datasets, args.configs, args.seeds, args.max_epoches)
     atomic_write_text(os.path.join(args.out, f"ablation_e{args.max_epoches}.md"), text)
     print(text)

@@ -43,4 +43,9 @@ def test_table_mean_spread_and_gain():
     avc_row = next(line for line in text.splitlines() if line.startswith("| d | avc"))
     assert "| 32.0 | 2.0 | 30.0..34.0 |  |" in seam_row
     std = statistics.stdev(values["avc"])
-    assert f"| 37.0 | {std:.1f} | 35.0..40.0 | +5.0 |" in avc_row
+    assert f"| 37.0 | {std:.1f} | 35.0..40.0 | +5.0 (+5.0 / +4.0 / +6.0) |" in avc_row
+    # A missing run shows as '-' and leaves the statistics (and the paired gain).
+    del results["d", "avc", 1]
+    text = avc_ablation.table(results, ["d"], ["seam", "avc"], seeds, max_epoches=10)
+    avc_row = next(line for line in text.splitlines() if line.startswith("| d | avc"))
+    assert "| 35.0 / - / 40.0 | 37.5 |" in avc_row and "+5.5 (+5.0 / +6.0)" in avc_row
