@@ -34,6 +34,7 @@ from tool.cli import (add_dataset_args, add_inference_model_args, add_overwrite_
                       non_negative_int,
                       positive_float, positive_int, run_cli, shard_list)
 from tool.crf import SEED_CRF, dense_crf
+from tool.datasets import DatasetInfo
 from tool.device import images_to_device, inference_autocast, inference_layout, resolve_precision
 from tool.distributed import DistInfo, cleanup, setup_distributed
 from tool.fileio import DataError, load_score_dict, read_id_list, read_rgb_image, save_palette_png
@@ -101,7 +102,10 @@ class RandomWalkDataset(CamDictDataset):
     """``{"id", "image" (uint8 HxWx3), "input" (float32 3 x Hp x Wp, normalised, zero-padded),
     "cam_dict", "cam_path"}``; use :func:`voc12.data.collate_single` with ``batch_size=1``."""
 
-    one_based = False  # True: the dicts are CRF dicts (key 0 = background), as --walk_from crf reads
+    def __init__(self, info: DatasetInfo, ids: Sequence[str], cam_dir: str, source: str | None = None,
+                 one_based: bool = False) -> None:
+        super().__init__(info, ids, cam_dir, source)
+        self.one_based = one_based  # CRF dicts (key 0 = background), as --walk_from crf reads
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         image_id = self.ids[index]
@@ -140,7 +144,7 @@ def walk_scores(model: AffinityNet, item: dict[str, Any], num_classes: int, args
     except ValueError as error:  # a map too small for any pair
         raise DataError(f"{item['id']}: image {image_hw[0]}x{image_hw[1]} is too small for the walk ({error})") \
             from error
-    if getattr(args, "walk_from", "cam") == "crf":
+    if args.walk_from == "crf":
         scores = rw_scores_from_crf_dict(item["cam_dict"], num_classes, image_hw, source=item["cam_path"])
     else:
         scores = rw_scores_from_cam_dict(item["cam_dict"], num_classes, args.alpha, image_hw, source=item["cam_path"])
@@ -185,8 +189,7 @@ def run(args: argparse.Namespace) -> int:
         logger.info("%d of %d images to do (%d already done)", len(todo), len(ids), len(ids) - len(todo))
         if not todo:
             return 0
-        dataset = RandomWalkDataset(info, todo, args.cam_dir, source=infer_list)
-        dataset.one_based = args.walk_from == "crf"
+        dataset = RandomWalkDataset(info, todo, args.cam_dir, source=infer_list, one_based=args.walk_from == "crf")
         model = load_for_inference(lambda width: build_model("affinity", width_mult=width, radius=args.radius),
                                    args.weights, args.width_mult, device)
         model = inference_layout(model, device, args.precision)

@@ -99,7 +99,8 @@ def rw(argv: Sequence[str]) -> None:
     args.precision = "fp32"  # the reference's
     info = get_dataset_info(args.dataset, args.voc12_root)
     ids = read_id_list(args.infer_list)
-    dataset = infer_aff.RandomWalkDataset(info, ids, args.cam_dir, source=args.infer_list)
+    dataset = infer_aff.RandomWalkDataset(info, ids, args.cam_dir, source=args.infer_list,
+                                         one_based=args.walk_from == "crf")
     model = load_for_inference(lambda width: AffinityNet(width_mult=width, radius=args.radius),
                                args.weights, args.width_mult, CPU)
     os.makedirs(args.out_rw, exist_ok=True)

@@ -160,7 +160,7 @@ def test_rw_label_reproduces_the_reference_script():
     item = {"id": "ref", "image": common["image"], "input": torch.zeros(3, 96, 120), "cam_path": "ref.npy",
             "cam_dict": reference_cam_dict()}
     args = argparse.Namespace(alpha=float(expected["alpha"]), beta=float(expected["beta"]),
-                              logt=int(expected["logt"]), crf=False, precision="fp32")
+                              logt=int(expected["logt"]), crf=False, precision="fp32", walk_from="cam")
     label = infer_aff.rw_label(ReferenceAffinities(), item, 20, args, torch.device("cpu"))
     clear = expected["label_margin"] > 1e-4  # the README's near-ties
     np.testing.assert_array_equal(label[clear], expected["label"][clear])
