@@ -11,7 +11,8 @@ functions are reused), scheduled as the reference code does it:
 - ``rw``: PSA/SEAM ``infer_aff.py`` - a DataLoader, one image at a time, the walk and the CRF
   inline (our sparse walk in both, so the comparison measures the scheduling only).
 
-torch keeps its default thread count and float32, as in the reference scripts::
+torch keeps its default thread count and float32, and the model is built with its random
+initialisation before the weights are loaded, as in the reference scripts::
 
     python -m bench.reference_infer seed <infer_seed.py flags>
     python -m bench.reference_infer deeplab <test_deeplab.py flags>
@@ -69,7 +70,7 @@ def seed(argv: Sequence[str]) -> None:
     dataset = MultiScaleDataset(info, ids, info.load_cls_labels(), scales=args.scales or METHODS["avc"].scales,
                                 source=args.infer_list)
     model = load_for_inference(lambda width: AVCNet(num_classes=info.num_classes, width_mult=width),
-                               args.weights, args.width_mult, CPU)
+                               args.weights, args.width_mult, CPU, skip_init=False)
     with ThreadPool(max(1, args.num_workers)) as pool:
         for item in tqdm(_loader(dataset, args.num_workers), total=len(dataset), desc="reference seeds"):
             cams = threaded_views(pool, lambda batch: model.forward_cam(batch)[:, 1:], item["views"],
@@ -86,7 +87,7 @@ def deeplab(argv: Sequence[str]) -> None:
     dataset = test_deeplab.DeepLabTestDataset(info, ids, args.scales or recipe.scales,
                                               recipe.flip if args.flip is None else args.flip, source=args.infer_list)
     model = load_for_inference(lambda width: DeepLabV1(num_classes=info.num_classes, width_mult=width),
-                               args.weights, args.width_mult, CPU)
+                               args.weights, args.width_mult, CPU, skip_init=False)
     with ThreadPool(max(1, args.num_workers)) as pool:
         for item in tqdm(_loader(dataset, args.num_workers), total=len(dataset), desc="reference deeplab"):
             logits = threaded_views(pool, model, item["views"], item["image"].shape[:2], align_corners=True)
@@ -102,7 +103,7 @@ def rw(argv: Sequence[str]) -> None:
     dataset = infer_aff.RandomWalkDataset(info, ids, args.cam_dir, source=args.infer_list,
                                          one_based=args.walk_from == "crf")
     model = load_for_inference(lambda width: AffinityNet(width_mult=width, radius=args.radius),
-                               args.weights, args.width_mult, CPU)
+                               args.weights, args.width_mult, CPU, skip_init=False)
     os.makedirs(args.out_rw, exist_ok=True)
     for item in tqdm(_loader(dataset, args.num_workers), total=len(dataset), desc="reference rw"):
         walked = infer_aff.walk_scores(model, item, info.num_classes, args, CPU)

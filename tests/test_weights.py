@@ -227,3 +227,55 @@ def test_unreadable_pth_raises_data_error(tmp_path: Path) -> None:
     torch.save({"model": TinyHeadNet().state_dict(), "numpy": np.zeros(2)}, tmp_path / "with_numpy.pth")
     with pytest.raises(DataError, match="objects other than tensors"):
         load_trained(TinyHeadNet(), str(tmp_path / "with_numpy.pth"))
+
+
+# ------------------------------------------------------------------ inference loads skip the random init
+def _model_builders() -> Dict[str, object]:
+    from network import MODELS
+    from network.irn import IRNet  # loads through adapt_loaded_state: the ordinary build
+    builders = {name: (lambda width, c=c: c(width_mult=width)) if name in ("resnet38", "affinity")
+                else (lambda width, c=c: c(num_classes=5, width_mult=width)) for name, c in MODELS.items()}
+    builders["irn"] = lambda width: IRNet(width_mult=width)
+    return builders
+
+
+@pytest.mark.parametrize("name", sorted(_model_builders()))
+def test_load_for_inference_equals_an_initialised_build(name: str, tmp_path: Path) -> None:
+    """The inference load (random initialisation skipped where the load sets every tensor) gives
+    exactly the model of the reference way: build with init, then load."""
+    from network.weights import load_for_inference
+    build = _model_builders()[name]
+    torch.manual_seed(0)
+    trained = build(0.125).eval()
+    path = tmp_path / "w.pth"
+    torch.save({"model": trained.state_dict(), "args": {"width_mult": 0.125}}, path)
+    torch.manual_seed(1)  # the ordinary build would draw other values: only the file may decide
+    fast = load_for_inference(build, str(path), None, torch.device("cpu"))
+    slow = load_for_inference(build, str(path), None, torch.device("cpu"), skip_init=False)
+    for model in (fast, slow):
+        state = model.state_dict(keep_vars=True)
+        assert list(state) == list(trained.state_dict())
+        assert all(torch.equal(state[key], value) for key, value in trained.state_dict().items())
+        # tensors the model shares (SIPE's stage aliases) are still one tensor
+        assert len({id(v) for v in state.values()}) == len({id(v) for v in trained.state_dict(keep_vars=True).values()})
+
+
+def test_skipped_init_only_where_the_load_sets_every_tensor(tmp_path: Path) -> None:
+    from network.weights import _build_for_loading, load_for_inference
+
+    class WithDerivedBuffer(nn.Module):  # a non-persistent buffer: the file cannot set it
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+            nn.init.normal_(self.conv.weight)
+            self.register_buffer("grid", torch.arange(6.0), persistent=False)
+            nn.init.constant_(self.grid, 2.0)
+
+    torch.manual_seed(0)
+    trained = WithDerivedBuffer()
+    torch.save(trained.state_dict(), tmp_path / "w.pth")
+    model = load_for_inference(lambda width: WithDerivedBuffer(), str(tmp_path / "w.pth"), 1.0, torch.device("cpu"))
+    assert torch.equal(model.grid, torch.full((6,), 2.0))  # built the ordinary way
+    assert torch.equal(model.conv.weight, trained.conv.weight)
+    skipped = _build_for_loading(lambda width: nn.Conv2d(3, 4, 3), 1.0)  # every tensor in the state dict
+    assert skipped.weight.shape == (4, 3, 3, 3)
