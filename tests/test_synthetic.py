@@ -109,3 +109,57 @@ def test_cli_rejects_bad_class_count_and_writes_with_prepare(tmp_path):
     assert main(["--out", root, "--num_train", "3", "--num_val", "2", "--image_size", "48", "--prepare"]) == 0
     assert os.path.isfile(os.path.join(root, "cls_labels.npy"))
     assert len(read_id_list(os.path.join(root, "train_aug.txt"))) == 3
+
+
+# ---------------------------------------------------------------------------- the parts style
+def _hsv_of(pixels: np.ndarray) -> np.ndarray:
+    import cv2
+    hsv = cv2.cvtColor(pixels.reshape(-1, 1, 3).astype(np.uint8), cv2.COLOR_RGB2HSV_FULL).reshape(-1, 3)
+    return hsv.astype(np.float32) / 255.0
+
+
+def test_parts_style_badge_colour_names_the_class_body_does_not(tmp_path):
+    """A class is found from its badge's colour alone (a nearest-colour rule over the class
+    definitions is right on most objects) while the body pixels of every class look alike."""
+    from voc12.synthetic import BADGE_HUES, BADGE_TONES, badge_class_definitions
+    root = str(tmp_path / "parts")
+    generate_dataset(root, num_train=24, num_val=1, image_size=96, num_classes=6, seed=0, style="parts")
+    assert layout.read_class_names(root) == class_names(6, "parts")
+    assert _all_files(root) == _all_files(_regenerated(tmp_path))  # deterministic
+    classes = badge_class_definitions(6)
+    right = total = 0
+    body_saturation: dict[int, list[float]] = {}
+    for image_id in read_id_list(layout.split_list_path(root, "train")):
+        image = read_rgb_image(layout.image_path(root, image_id))
+        label = read_label_png(os.path.join(root, layout.LABEL_DIR, image_id + ".png"), image.shape[:2])
+        for value in set(np.unique(label)) - {0, IGNORE_LABEL}:
+            hsv = _hsv_of(image[label == value])
+            saturated = hsv[:, 1] > 0.5  # the badge: the body is black and white
+            body_saturation.setdefault(int(value), []).append(float(np.median(hsv[~saturated, 1])))
+            if saturated.sum() < 5:
+                continue  # the badge hidden by another object
+            hue, tone = np.median(hsv[saturated, 0]), np.median(hsv[saturated, 2])
+            distance = [min(abs(hue - BADGE_HUES[c.colour]), 1 - abs(hue - BADGE_HUES[c.colour]))
+                        + abs(tone - np.mean(BADGE_TONES[c.tone])) for c in classes]
+            right += int(np.argmin(distance) + 1 == value)
+            total += 1
+    assert total >= 20 and right / total > 0.9
+    # the object is more than its badge: most of its pixels are the grey-scale body
+    medians = [np.median(values) for values in body_saturation.values()]
+    assert len(medians) >= 4 and max(medians) < 0.2
+
+
+def _regenerated(tmp_path):
+    again = str(tmp_path / "again")
+    generate_dataset(again, num_train=24, num_val=1, image_size=96, num_classes=6, seed=0, style="parts")
+    return again
+
+
+def test_parts_style_limits():
+    from voc12.synthetic import MAX_PARTS_CLASSES, badge_class_definitions
+    names = [cls.name for cls in badge_class_definitions(MAX_PARTS_CLASSES)]
+    assert len(set(names)) == MAX_PARTS_CLASSES == 12
+    with pytest.raises(ValueError, match="parts style"):
+        badge_class_definitions(MAX_PARTS_CLASSES + 1)
+    with pytest.raises(ValueError, match="unknown style"):
+        class_names(6, "sketch")

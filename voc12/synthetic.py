@@ -14,6 +14,15 @@ them). Each image holds 1 to 4 objects of 1 to 3 classes with jittered colour, s
 rotation over a cluttered background of muted blobs, thin lines of any colour and noise;
 objects may occlude each other (each keeps at least half of itself visible). As in VOC, the
 label has a 255 band (2 px: one each side) on every object outline.
+
+``--style parts`` draws another difficulty, the one WSSS methods address: a classifier that
+recognises the classes but activates only their most discriminative part. Every object is a
+body of random shape painted with a black-and-white checker (the same for every class, so it
+carries no class evidence, but unlike the muted background) holding one plain-coloured badge
+(a disc of about half the object's radius) whose colour names the class: a hue family (red,
+green, blue; with more than 6 classes also yellow, cyan, magenta) in a light or a dark tone
+(the tones are far apart in value, which SEAM's hue jitter does not change). The label is the
+whole object, badge and body. Up to 12 classes.
 """
 from __future__ import annotations
 
@@ -96,9 +105,47 @@ def class_definitions(num_classes: int) -> list[SyntheticClass]:
     return [SyntheticClass(SHAPES[s], TEXTURES[t], colours[c]) for s, t, c in best]
 
 
-def class_names(num_classes: int) -> list[str]:
-    """``['background', '<colour>_<texture>_<shape>', ...]``."""
-    return ["background"] + [cls.name for cls in class_definitions(num_classes)]
+@dataclass(frozen=True)
+class BadgeClass:
+    """A class of the ``parts`` style: the colour of its badge."""
+
+    colour: str
+    tone: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.tone}_{self.colour}_badge"
+
+
+STYLES: tuple[str, ...] = ("attributes", "parts")
+# Badge hues: the three families a third of the circle apart first (robust to the +-0.1 hue
+# jitter of training), then the three between them for more than 6 classes.
+BADGE_HUES: dict[str, float] = {**COLOUR_HUES, "yellow": 1 / 6, "cyan": 1 / 2, "magenta": 5 / 6}
+BADGE_TONES: dict[str, tuple[float, float]] = {"light": (0.95, 1.0), "dark": (0.4, 0.5)}  # HSV value ranges
+MAX_PARTS_CLASSES = len(BADGE_HUES) * len(BADGE_TONES)
+BADGE_RADIUS_RANGE = (0.6, 0.7)  # of the object's radius
+
+
+def badge_class_definitions(num_classes: int) -> list[BadgeClass]:
+    """The badge colours of ``num_classes`` classes: hue-major over the first hues needed."""
+    if not MIN_CLASSES <= num_classes <= MAX_PARTS_CLASSES:
+        raise ValueError(f"num_classes must be in {MIN_CLASSES}..{MAX_PARTS_CLASSES} for the parts style, "
+                         f"got {num_classes}")
+    hues = list(BADGE_HUES)[: max(3, -(-num_classes // len(BADGE_TONES)))]
+    return [BadgeClass(hue, tone) for tone in BADGE_TONES for hue in hues][:num_classes]
+
+
+def class_names(num_classes: int, style: str = "attributes") -> list[str]:
+    """``['background', '<colour>_<texture>_<shape>', ...]`` (parts: ``'<tone>_<hue>_badge'``)."""
+    return ["background"] + [cls.name for cls in _classes(num_classes, style)]
+
+
+def _classes(num_classes: int, style: str) -> list:
+    if style == "attributes":
+        return class_definitions(num_classes)
+    if style == "parts":
+        return badge_class_definitions(num_classes)
+    raise ValueError(f"unknown style {style!r}; known: {', '.join(STYLES)}")
 
 
 # ---------------------------------------------------------------------------- drawing
@@ -171,9 +218,10 @@ def _background(rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray, side: 
     return image
 
 
-def generate_sample(rng: np.random.Generator, classes: list[SyntheticClass], image_size: int,
+def generate_sample(rng: np.random.Generator, classes: list, image_size: int,
                     min_aspect: float = 0.75) -> tuple[np.ndarray, np.ndarray]:
-    """One (uint8 HxWx3 RGB image, uint8 HxW label) pair; the long side is ``image_size``."""
+    """One (uint8 HxWx3 RGB image, uint8 HxW label) pair; the long side is ``image_size``.
+    ``classes``: :class:`SyntheticClass` (attributes style) or :class:`BadgeClass` (parts) entries."""
     short = int(round(image_size * rng.uniform(min_aspect, 1.0)))
     height, width = (image_size, short) if rng.random() < 0.5 else (short, image_size)
     side = float(np.sqrt(height * width))
@@ -198,7 +246,8 @@ def generate_sample(rng: np.random.Generator, classes: list[SyntheticClass], ima
             theta = rng.uniform(0, 2 * np.pi)
             u = (xx - cx) * np.cos(theta) + (yy - cy) * np.sin(theta)
             v = -(xx - cx) * np.sin(theta) + (yy - cy) * np.cos(theta)
-            mask = _shape_mask(cls.shape, u, v, radius)
+            shape = cls.shape if isinstance(cls, SyntheticClass) else SHAPES[int(rng.integers(len(SHAPES)))]
+            mask = _shape_mask(shape, u, v, radius)
             area = int(mask.sum())
             if area < MIN_VISIBLE_PIXELS / MIN_VISIBLE_FRACTION:
                 continue
@@ -212,7 +261,10 @@ def generate_sample(rng: np.random.Generator, classes: list[SyntheticClass], ima
         owner = trial
         full_areas.append(area)
         placed_classes.append(int(class_index))
-        image = _paint_object(rng, image, mask, cls, u, v, radius, side)
+        if isinstance(cls, SyntheticClass):
+            image = _paint_object(rng, image, mask, cls, u, v, radius, side)
+        else:
+            image = _paint_badged_object(rng, image, mask, cls, u, v, radius, side)
 
     image = cv2.GaussianBlur(image.astype(np.float32), (0, 0), 0.6)  # soften aliased edges
     image = image + rng.normal(0.0, rng.uniform(2.0, 7.0), size=image.shape)
@@ -240,6 +292,27 @@ def _paint_object(rng: np.random.Generator, image: np.ndarray, mask: np.ndarray,
     return np.where(mask[..., None], colours * shading[..., None], image)
 
 
+def _paint_badged_object(rng: np.random.Generator, image: np.ndarray, mask: np.ndarray, cls: BadgeClass,
+                         u: np.ndarray, v: np.ndarray, radius: float, side: float) -> np.ndarray:
+    """The parts style: a class-agnostic checker body and a badge whose colour is the class's.
+
+    The badge is a disc inside the object (centre within 0.3 radius of the object's centre)
+    clipped to the object's visible mask, so it survives as the body does."""
+    period = side * rng.uniform(0.06, 0.09)
+    phase_u, phase_v = rng.uniform(0, period, size=2)
+    checker = _texture_pattern("checked", u + phase_u, v + phase_v, period)
+    white, black = rng.uniform(0.75, 0.85) * 255.0, rng.uniform(0.3, 0.4) * 255.0
+    body = np.where(checker[..., None], np.float32(black), np.float32(white)) * np.ones(3, np.float32)
+    distance, direction = rng.uniform(0, 0.3 * radius), rng.uniform(0, 2 * np.pi)
+    offset = distance * np.array([np.cos(direction), np.sin(direction)])
+    badge_radius = radius * rng.uniform(*BADGE_RADIUS_RANGE)
+    badge = mask & (((u - offset[0]) ** 2 + (v - offset[1]) ** 2) <= badge_radius ** 2)
+    colour = _hsv(BADGE_HUES[cls.colour] + rng.uniform(-0.03, 0.03), rng.uniform(0.75, 1.0),
+                  rng.uniform(*BADGE_TONES[cls.tone]))
+    painted = np.where(badge[..., None], colour, body)
+    return np.where(mask[..., None], painted, image)
+
+
 def _outline(owner: np.ndarray) -> np.ndarray:
     """Pixels with a 4-neighbour of another owner: a 2 px band on every object outline."""
     band = np.zeros(owner.shape, dtype=bool)
@@ -259,7 +332,8 @@ def sample_ids(num_train: int, num_val: int) -> dict[str, list[str]]:
 
 
 def generate_dataset(out: str, num_train: int = 160, num_val: int = 48, image_size: int = 112,
-                     num_classes: int = 6, seed: int = 0, min_aspect: float = 0.75) -> dict[str, list[str]]:
+                     num_classes: int = 6, seed: int = 0, min_aspect: float = 0.75,
+                     style: str = "attributes") -> dict[str, list[str]]:
     """Write the dataset under ``out`` (see the module docstring); returns the split ids.
 
     Image ``i`` of a split draws from ``default_rng((seed, split, i))``, so the bytes depend only
@@ -270,7 +344,7 @@ def generate_dataset(out: str, num_train: int = 160, num_val: int = 48, image_si
         raise ValueError("num_train and num_val must be at least 1")
     if image_size < 32:
         raise ValueError(f"image_size must be at least 32, got {image_size}")
-    classes = class_definitions(num_classes)
+    classes = _classes(num_classes, style)
     splits = sample_ids(num_train, num_val)
     folders = (layout.IMAGE_DIR, layout.LABEL_DIR, layout.AUG_LABEL_DIR)
     _clear_previous_run(out, folders, {image_id for ids in splits.values() for image_id in ids})
@@ -312,6 +386,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num_classes", type=int, default=6, help=f"foreground classes, {MIN_CLASSES}..{MAX_CLASSES}")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--min_aspect", type=float, default=0.75, help="short / long side drawn in [min_aspect, 1]")
+    parser.add_argument("--style", choices=STYLES, default="attributes",
+                        help="attributes: classes combine shape, texture and colour; parts: a class-agnostic "
+                             "body with a class-coloured badge (partial activation, the WSSS difficulty)")
     parser.add_argument("--prepare", action=argparse.BooleanOptionalAction, default=False,
                         help="also write lists and cls_labels.npy (python -m voc12.prepare)")
     args = parser.parse_args(argv)
@@ -320,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--num_classes must be in {MIN_CLASSES}..{MAX_CLASSES}")
     try:
         generate_dataset(args.out, args.num_train, args.num_val, args.image_size, args.num_classes,
-                         args.seed, args.min_aspect)
+                         args.seed, args.min_aspect, style=args.style)
     except ValueError as error:  # an out-of-range size or count
         parser.error(str(error))
     LOGGER.info("wrote %d + %d images of %d classes to %s", args.num_train, args.num_val,
