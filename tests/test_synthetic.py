@@ -134,7 +134,7 @@ def test_parts_style_badge_colour_names_the_class_body_does_not(tmp_path):
         label = read_label_png(os.path.join(root, layout.LABEL_DIR, image_id + ".png"), image.shape[:2])
         for value in set(np.unique(label)) - {0, IGNORE_LABEL}:
             hsv = _hsv_of(image[label == value])
-            saturated = hsv[:, 1] > 0.5  # the badge: the body is black and white
+            saturated = hsv[:, 1] > 0.5  # the badge: the body is a grey checker
             body_saturation.setdefault(int(value), []).append(float(np.median(hsv[~saturated, 1])))
             if saturated.sum() < 5:
                 continue  # the badge hidden by another object

@@ -17,9 +17,9 @@ label has a 255 band (2 px: one each side) on every object outline.
 
 ``--style parts`` draws another difficulty, the one WSSS methods address: a classifier that
 recognises the classes but activates only their most discriminative part. Every object is a
-body of random shape painted with a black-and-white checker (the same for every class, so it
-carries no class evidence, but unlike the muted background) holding one plain-coloured badge
-(a disc of about half the object's radius) whose colour names the class: a hue family (red,
+body of random shape painted with a grey checker (the same for every class, so it carries no
+class evidence, but unlike the muted background) holding one plain-coloured badge (a disc of
+0.6-0.7 of the object's radius) whose colour names the class: a hue family (red,
 green, blue; with more than 6 classes also yellow, cyan, magenta) in a light or a dark tone
 (the tones are far apart in value, which SEAM's hue jitter does not change). The label is the
 whole object, badge and body. Up to 12 classes.
@@ -117,7 +117,6 @@ class BadgeClass:
         return f"{self.tone}_{self.colour}_badge"
 
 
-STYLES: tuple[str, ...] = ("attributes", "parts")
 # Badge hues: the three families a third of the circle apart first (robust to the +-0.1 hue
 # jitter of training), then the three between them for more than 6 classes.
 BADGE_HUES: dict[str, float] = {**COLOUR_HUES, "yellow": 1 / 6, "cyan": 1 / 2, "magenta": 5 / 6}
@@ -135,17 +134,20 @@ def badge_class_definitions(num_classes: int) -> list[BadgeClass]:
     return [BadgeClass(hue, tone) for tone in BADGE_TONES for hue in hues][:num_classes]
 
 
+# Style -> its class definitions (``--style``).
+STYLE_CLASSES = {"attributes": class_definitions, "parts": badge_class_definitions}
+STYLES: tuple[str, ...] = tuple(STYLE_CLASSES)
+
+
 def class_names(num_classes: int, style: str = "attributes") -> list[str]:
     """``['background', '<colour>_<texture>_<shape>', ...]`` (parts: ``'<tone>_<hue>_badge'``)."""
     return ["background"] + [cls.name for cls in _classes(num_classes, style)]
 
 
 def _classes(num_classes: int, style: str) -> list:
-    if style == "attributes":
-        return class_definitions(num_classes)
-    if style == "parts":
-        return badge_class_definitions(num_classes)
-    raise ValueError(f"unknown style {style!r}; known: {', '.join(STYLES)}")
+    if style not in STYLE_CLASSES:
+        raise ValueError(f"unknown style {style!r}; known: {', '.join(STYLES)}")
+    return STYLE_CLASSES[style](num_classes)
 
 
 # ---------------------------------------------------------------------------- drawing
