@@ -258,8 +258,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                                            [item["label"].numpy() for item in items],
                                            [item["image"].shape[:2] for item in items], dist.device,
                                            args.seam_cam_norm, amp=args.precision == "bf16")
-                return [(image_cams, pcm_affinity(model, item, dist.device) if picture_affinity else None)
-                        for item, image_cams in zip(items, cams)]
+                    return [(image_cams, pcm_affinity(model, item, dist.device) if picture_affinity else None)
+                            for item, image_cams in zip(items, cams)]
 
         def finish(item: dict, inferred: tuple[ImageCams, tuple | None]) -> str:
             return write_seed_outputs(args, info.num_classes, item, *inferred)

@@ -99,6 +99,7 @@ class AVCNet(ResNet38):
     """
 
     new_layers = ("fc8", "f8_3", "f8_4", "f9")
+    float32_modules = ("f9",)  # the PCM runs in float32 (:func:`pcm`)
 
     def __init__(self, num_classes: int = 20, width_mult: float = 1.0,
                  bn_momentum: float = 0.1, dropout: bool = True) -> None:

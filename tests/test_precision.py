@@ -11,7 +11,8 @@ from network.methods import METHODS, image_cams
 from network.msa import MSANet, msa_cam_dict
 from network.spixel import SpixelNet
 from tool.cam import seed_from_cam_dict
-from tool.device import cpu_has_native_bf16, inference_autocast, inference_layout, resolve_precision
+from tool.device import (cast_autocast_weights, cpu_has_native_bf16, inference_autocast, inference_layout,
+                         resolve_precision)
 from tool.multiscale import forward_views
 
 NUM_CLASSES = 5
@@ -47,6 +48,20 @@ def test_autocast_and_layout_only_for_bf16():
     assert inference_layout(conv, "cpu", "fp32").weight.is_contiguous()
     assert inference_layout(torch.nn.Conv2d(3, 4, 3), "cpu", "bf16").weight.is_contiguous(
         memory_format=torch.channels_last)
+
+
+def test_weights_cast_once_give_autocast_outputs_exactly():
+    """The cast inference_layout does for bf16 is the one autocast does at every forward: the CAMs
+    (PCM included, whose f9 stays float32 as the model declares) are bit-identical."""
+    torch.manual_seed(0)
+    model = AVCNet(num_classes=NUM_CLASSES, width_mult=0.0625).eval()
+    views = torch.randn(2, 3, 40, 48)
+    with torch.inference_mode(), inference_autocast("cpu", "bf16"):
+        expected = model.forward_cam(views)
+        cast = cast_autocast_weights(model)
+        assert cast.fc8.weight.dtype == cast.b2.conv_branch2a.weight.dtype == torch.bfloat16
+        assert cast.f9.weight.dtype == torch.float32
+        assert torch.equal(cast.forward_cam(views), expected)
 
 
 def _image(seed: int = 0, size: tuple[int, int] = (56, 48)) -> np.ndarray:
