@@ -72,6 +72,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="the walk takes 2^logt steps (SEAM 6, PSA 8)")
     parser.add_argument("--radius", type=positive_int, default=5,
                         help="pair radius on the stride-8 grid (default 5; small maps use SEAM's rule)")
+    parser.add_argument("--scale", type=positive_float, default=1.0,
+                        help="resize the image by this factor before AffinityNet, so the walk runs on a grid "
+                             "scale^2 times finer (the CAM/CRF dicts are resized with it, the labels back to "
+                             "the image); default 1, the reference")
     parser.add_argument("--crf", action="store_true",
                         help="SEAM's option: one dense-CRF iteration on the upsampled walk scores")
     parser.add_argument("--num_workers", type=non_negative_int, default=4,
@@ -99,22 +103,39 @@ def pad_to_stride(normalized: np.ndarray, stride: int = FEATURE_STRIDE) -> np.nd
 
 
 class RandomWalkDataset(CamDictDataset):
-    """``{"id", "image" (uint8 HxWx3), "input" (float32 3 x Hp x Wp, normalised, zero-padded),
-    "cam_dict", "cam_path"}``; use :func:`voc12.data.collate_single` with ``batch_size=1``."""
+    """``{"id", "image" (uint8 HxWx3), "walk_image" (the image at ``scale``), "input" (float32
+    3 x Hp x Wp: the walk image normalised, zero-padded), "cam_dict" (maps at the walk image's
+    size), "cam_path"}``; use :func:`voc12.data.collate_single` with ``batch_size=1``."""
 
     def __init__(self, info: DatasetInfo, ids: Sequence[str], cam_dir: str, source: str | None = None,
-                 one_based: bool = False) -> None:
+                 one_based: bool = False, scale: float = 1.0) -> None:
         super().__init__(info, ids, cam_dir, source)
         self.one_based = one_based  # CRF dicts (key 0 = background), as --walk_from crf reads
+        self.scale = scale
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         image_id = self.ids[index]
         image = read_rgb_image(self.info.image_path(image_id))
-        padded = pad_to_stride(T.normalize(image))
         cam_path = self.cam_path(image_id)
-        return {"id": image_id, "image": image, "input": torch.from_numpy(T.hwc_to_chw(padded)),
-                "cam_dict": load_score_dict(cam_path, self.info.num_classes, one_based=self.one_based),
-                "cam_path": cam_path}
+        cam_dict = load_score_dict(cam_path, self.info.num_classes, one_based=self.one_based)
+        walk_image = image
+        if self.scale != 1.0:
+            size_wh = T.scaled_size(*image.shape[:2], self.scale)
+            walk_image = T.resize_image(image, size_wh, resample="bilinear")
+            cam_dict = {key: _resize_map(scores, image.shape[:2], size_wh) for key, scores in cam_dict.items()}
+        padded = pad_to_stride(T.normalize(walk_image))
+        return {"id": image_id, "image": image, "walk_image": walk_image,
+                "input": torch.from_numpy(T.hwc_to_chw(padded)), "cam_dict": cam_dict, "cam_path": cam_path}
+
+
+def _resize_map(scores: np.ndarray, image_hw: tuple[int, int], size_wh: tuple[int, int]) -> np.ndarray:
+    """A score map of the image resized to ``size_wh`` (bilinear); a map of another size is left
+    for the walk's shape check to report."""
+    if tuple(scores.shape) != tuple(image_hw):
+        return scores
+    resized = F.interpolate(torch.from_numpy(np.ascontiguousarray(scores, dtype=np.float32))[None, None],
+                            size=(size_wh[1], size_wh[0]), mode="bilinear", align_corners=False)
+    return resized[0, 0].numpy()
 
 
 def crf_labels(walked: torch.Tensor, padded_input: torch.Tensor, image_hw: tuple[int, int]) -> np.ndarray:
@@ -136,7 +157,7 @@ def rw_label(model: AffinityNet, item: dict[str, Any], num_classes: int, args: a
 def walk_scores(model: AffinityNet, item: dict[str, Any], num_classes: int, args: argparse.Namespace,
                 device: torch.device) -> torch.Tensor:
     """The walked scores of one dataset item (the network part), on the CPU."""
-    image_hw = item["image"].shape[:2]
+    image_hw = item["walk_image"].shape[:2]
     x = images_to_device(item["input"][None], device)
     try:
         with torch.inference_mode(), inference_autocast(device, args.precision):
@@ -152,10 +173,15 @@ def walk_scores(model: AffinityNet, item: dict[str, Any], num_classes: int, args
 
 
 def label_from_walk(item: dict[str, Any], walked: torch.Tensor, args: argparse.Namespace) -> np.ndarray:
-    """Labels from the walked scores: SEAM's CRF with ``--crf``, else upsampling and arg-max."""
+    """Labels from the walked scores: SEAM's CRF with ``--crf``, else upsampling and arg-max; on
+    the walk image, then (``--scale``) resized to the image (nearest)."""
+    walk_hw = item["walk_image"].shape[:2]
     if args.crf:
-        return crf_labels(walked, item["input"], item["image"].shape[:2])
-    return random_walk_labels(walked, item["image"].shape[:2])
+        label = crf_labels(walked, item["input"], walk_hw)
+    else:
+        label = random_walk_labels(walked, walk_hw)
+    height, width = item["image"].shape[:2]
+    return T.resize_label(label, (width, height))
 
 
 def write_rw_label(args: argparse.Namespace, item: dict[str, Any], walked: torch.Tensor) -> str:
@@ -189,7 +215,8 @@ def run(args: argparse.Namespace) -> int:
         logger.info("%d of %d images to do (%d already done)", len(todo), len(ids), len(ids) - len(todo))
         if not todo:
             return 0
-        dataset = RandomWalkDataset(info, todo, args.cam_dir, source=infer_list, one_based=args.walk_from == "crf")
+        dataset = RandomWalkDataset(info, todo, args.cam_dir, source=infer_list, one_based=args.walk_from == "crf",
+                                    scale=args.scale)
         model = load_for_inference(lambda width: build_model("affinity", width_mult=width, radius=args.radius),
                                    args.weights, args.width_mult, device)
         model = inference_layout(model, device, args.precision)

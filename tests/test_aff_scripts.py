@@ -19,7 +19,7 @@ from tests.helpers_torchrun import assert_ranks_agree_with_checkpoint, train_on_
 from tests.reference_data import load_reference, reference_cam_dict, reference_graph
 from tool.checkpoint import read_checkpoint
 from tool.fileio import DataError, atomic_write_text, read_label_png, save_npy, save_rgb_image
-from tool.random_walk import AffinityGraph, rw_scores_from_crf_dict
+from tool.random_walk import AffinityGraph, padded_size, rw_scores_from_crf_dict
 
 HEIGHT, WIDTH = 56, 60          # width not a multiple of 8: infer_aff pads to 56 x 64 (7 x 8 grid)
 CROP = 56                       # 7 x 7 label grid: SEAM's rule gives radius 3
@@ -157,8 +157,8 @@ def test_rw_label_reproduces_the_reference_script():
             assert tuple(x.shape) == (1, 3, 96, 120)
             return reference_graph()
 
-    item = {"id": "ref", "image": common["image"], "input": torch.zeros(3, 96, 120), "cam_path": "ref.npy",
-            "cam_dict": reference_cam_dict()}
+    item = {"id": "ref", "image": common["image"], "walk_image": common["image"], "input": torch.zeros(3, 96, 120),
+            "cam_path": "ref.npy", "cam_dict": reference_cam_dict()}
     args = argparse.Namespace(alpha=float(expected["alpha"]), beta=float(expected["beta"]),
                               logt=int(expected["logt"]), crf=False, precision="fp32", walk_from="cam")
     label = infer_aff.rw_label(ReferenceAffinities(), item, 20, args, torch.device("cpu"))
@@ -248,3 +248,20 @@ def test_walk_from_crf_propagates_the_crf_marginals(data, trained, tmp_path):
         label = read_label_png(os.path.join(out_rw, f"{image_id}.png"))
         keys = np.load(os.path.join(crf_dicts, f"{image_id}.npy"), allow_pickle=True).item().keys()
         assert label.shape == (HEIGHT, WIDTH) and set(np.unique(label)) <= set(keys)
+
+
+def test_walk_at_a_finer_scale(data, trained, tmp_path):
+    """--scale 2: the image and its dicts are resized before AffinityNet (a grid 4 x finer), and
+    the labels come back at the image's size, of the dict's classes."""
+    info = infer_aff.get_dataset_info("synthetic", data["root"])
+    item = infer_aff.RandomWalkDataset(info, ["img0"], data["cam"], scale=2.0)[0]
+    assert item["walk_image"].shape == (2 * HEIGHT, 2 * WIDTH, 3) and item["image"].shape == (HEIGHT, WIDTH, 3)
+    assert all(scores.shape == (2 * HEIGHT, 2 * WIDTH) for scores in item["cam_dict"].values())
+    assert tuple(item["input"].shape[-2:]) == padded_size((2 * HEIGHT, 2 * WIDTH))
+    out_rw = str(tmp_path / "rw")
+    assert infer_aff.run(infer_aff.parse_args(_infer_argv(data, trained["weights"], out_rw, "--scale", "2",
+                                                          "--logt", "3", "--crf"))) == len(IDS)
+    for image_id in IDS:
+        label = read_label_png(os.path.join(out_rw, f"{image_id}.png"))
+        keys = np.load(os.path.join(data["cam"], f"{image_id}.npy"), allow_pickle=True).item().keys()
+        assert label.shape == (HEIGHT, WIDTH) and set(np.unique(label)) <= {0} | {key + 1 for key in keys}
