@@ -122,6 +122,69 @@ def test_an_interrupted_stage_resumes_only_with_the_same_configuration(tmp_path)
     assert not os.path.exists(os.path.join(ctx.paths.stages, "b.started.json"))
 
 
+def _beside_stages(tmp_path, fail_b: bool = False, wait: float = 20.0) -> list[Stage]:
+    """a; b, which waits (up to ``wait`` s) for c to have started; c, which needs only a and runs beside b."""
+    flag, runs = str(tmp_path / "c_started"), str(tmp_path / "runs.txt")
+    wait_for_c = (f"import os, sys, time; open({runs!r}, 'a').write('b\\n'); deadline = time.time() + {wait}\n"
+                  f"while not os.path.exists({flag!r}) and time.time() < deadline: time.sleep(0.05)\n"
+                  f"print('c seen' if os.path.exists({flag!r}) else 'c not seen'); sys.exit({int(fail_b)})")
+    return [
+        Stage("a", lambda c: ["-c", f"open({runs!r}, 'a').write('a\\n')"]),
+        Stage("b", lambda c: ["-c", wait_for_c]),
+        Stage("c", lambda c: ["-c", f"open({runs!r}, 'a').write('c\\n'); open({flag!r}, 'w').write('1'); "
+                                    f"print('c ran')"], needs=("a",), beside="b"),
+    ]
+
+
+def test_a_stage_beside_another_runs_at_the_same_time_and_resumes_by_its_own_inputs(tmp_path, capfd):
+    ctx = _context(tmp_path)  # the tiny profile: one torch thread a stage, 2 cores here
+    stages = _beside_stages(tmp_path)
+    assert run_stages(ctx, stages) == 0 and sorted(_runs(tmp_path)) == ["a", "b", "c"]
+    out = capfd.readouterr().out
+    assert "c seen" in out                      # b saw c start while b was running
+    assert "==> [c]" in out and "(beside b;" in out
+    log = os.path.join(ctx.paths.stages, "c.log")
+    assert "\nc ran\n" in open(log).read()    # c's output went to its log, not between b's lines
+    assert stage_done(ctx, stages[2])["beside"] == "b"
+    assert stale_stages(ctx, stages) == []
+    assert run_stages(ctx, stages) == 0 and _runs(tmp_path) == []
+    # c's fingerprint covers a only: rerunning b leaves c current; rerunning a makes it stale.
+    assert run_stages(ctx, stages, only="b") == 0 and stale_stages(ctx, stages) == []
+    assert run_stages(ctx, stages, only="a") == 0 and stale_stages(ctx, stages) == ["b", "c"]
+    _runs(tmp_path)
+    assert run_stages(ctx, stages) == 0 and sorted(_runs(tmp_path)) == ["b", "c"]
+    assert open(log).read().count("\nc ran\n") == 2  # a rerun appends to the log
+    # Without a core each (no thread limit in the profile), c waits for its own turn.
+    sequential = Context("voc12", PROFILES["voc12"], ctx.paths)
+    os.remove(str(tmp_path / "c_started"))
+    assert run_stages(sequential, _beside_stages(tmp_path, wait=1.0)) == 0
+    assert "c not seen" in capfd.readouterr().out and _runs(tmp_path) == ["a", "b", "c"]
+
+
+def test_a_failure_beside_a_stage_keeps_the_other_stage_s_result(tmp_path, capfd):
+    ctx = _context(tmp_path)
+    stages = _beside_stages(tmp_path, fail_b=True)
+    assert run_stages(ctx, stages) == 1
+    assert stage_done(ctx, stages[1]) is None
+    assert stage_done(ctx, stages[2]) is not None   # c finished beside the failed b: kept, not redone
+    assert "stage 'b' failed" in capfd.readouterr().err
+    _runs(tmp_path)
+    assert run_stages(ctx, _beside_stages(tmp_path)) == 0 and _runs(tmp_path) == ["b"]
+
+
+def test_the_summary_counts_stages_beside_others_once_and_no_pause_between_runs():
+    from workflow.report import collect_results, format_summary
+
+    def marker(name: str, start: float, end: float, **extra) -> dict:
+        return {"stage": name, "seconds": end - start, "command": name, "started_at": start, "ended_at": end, **extra}
+    markers = [marker("a", 0, 10), marker("b", 10, 30), marker("c", 12, 25, beside="b"),
+               marker("d", 100, 104),                                  # resumed an hour later
+               {"stage": "e", "seconds": 5.0, "command": "e"}]         # a marker of an older version
+    summary = collect_results("/nonexistent", "/nonexistent/curve.json", markers, "tiny", {})
+    assert summary["total_seconds"] == 52.0 and summary["wall_seconds"] == 39.0
+    text = format_summary(summary)
+    assert "| c (beside b) | 13.0 |" in text and "| end to end (stages beside others counted once) | 39.0 |" in text
+
 # --------------------------------------------------------------------------- 2. NaN never saved
 def _toy_argv(save_dir, *extra: str) -> list[str]:
     return ["--save_dir", str(save_dir), "--max_iters", "6", "--save_every", "1", "--num_samples", "4", *extra]

@@ -257,6 +257,12 @@ class Stage:
     command: Callable[["Context"], list[str]]
     description: str = ""
     outputs: tuple[str, ...] = ()
+    # The stages whose outputs this one reads (None: every earlier stage). Its fingerprint covers
+    # those stages' markers only, so it can start before the stages listed between them and it.
+    needs: tuple[str, ...] | None = None
+    # Start this stage in the background when stage ``beside`` starts (both on one compute thread:
+    # the second core of a 2-core machine is idle during a one-thread training); needs ``needs``.
+    beside: str | None = None
 
 
 @dataclass
@@ -452,17 +458,18 @@ def build_stages(ctx: Context) -> list[Stage]:
         return ["evaluation.py", "--list", image_list, "--predict_dir", predict_dir, *dataset_flags(ctx),
                 "--num_workers", workers, "--comment", name, "--out_json", ctx.eval_json(name), *extra]
 
-    def deeplab_stages(name: str, session: str, label_flags: list[str], val_dir: str,
-                       trained_on: str) -> list[Stage]:
+    def deeplab_stages(name: str, session: str, label_flags: list[str], val_dir: str, trained_on: str,
+                       needs: tuple[str, ...] | None = None, beside: str | None = None) -> list[Stage]:
         """Train the run's segmenter (labels: ``label_flags``, none = ground truth) as checkpoint
-        ``session``, predict val, evaluate into ``<name>.json``; stages ``train_<name>`` ..."""
+        ``session``, predict val, evaluate into ``<name>.json``; stages ``train_<name>`` ...
+        (the training with ``needs`` and ``beside``, see Stage)."""
         weights = os.path.join(p.checkpoints, f"{session}.pth")
         return [
             Stage(f"train_{name}", lambda c: [
                 "train_deeplab.py", *dataset_flags(c), "--arch", c.segmenter, "--train_list", train_list,
                 *label_flags, "--session_name", session, *_strings(training_flags(c, train_settings)),
                 "--max_iters", str(profile[train_settings]["max_iters"])],
-                f"{ctx.segmenter_title} on {trained_on}", checkpoint_files(session)),
+                f"{ctx.segmenter_title} on {trained_on}", checkpoint_files(session), needs, beside),
             Stage(f"test_{name}", lambda c: [
                 "test_deeplab.py", *dataset_flags(c), "--weights", weights, "--infer_list", val_list,
                 "--out_dir", val_dir, "--scales", *_strings(profile[test_settings]["scales"]),
@@ -559,9 +566,13 @@ def build_stages(ctx: Context) -> list[Stage]:
             "DeepLab predictions on the sample images of the results page", (p.deeplab_samples,)),
     ]
     if profile.get("deeplab_on_gt"):
-        # The same recipe on the ground truth of the same images: the fully supervised bound.
+        # The same recipe on the ground truth of the same images: the fully supervised bound. It
+        # reads the data and the seed classifier's backbone only, so its training runs beside the
+        # one on the pseudo masks (one thread each: on 2 cores, measured in the README).
+        seed_training = next(index for index, stage in enumerate(stages) if stage.name in ("train_avc", "train_msa"))
         stages += deeplab_stages("deeplab_gt", f"{ctx.deeplab_session}_gt", [], p.deeplab_gt_val,
-                                 "the ground-truth masks")
+                                 "the ground-truth masks", tuple(stage.name for stage in stages[:seed_training + 1]),
+                                 beside="train_deeplab")
     return stages
 
 
@@ -702,20 +713,38 @@ def _remove(path: str) -> None:
         os.remove(path)
 
 
+def stage_upstream(stage: Stage, identities: Mapping[str, str]) -> list[str]:
+    """The marker identities a stage's fingerprint covers: of the stages it ``needs``, else of every
+    earlier stage (``identities``: name -> identity of the stages before it, in order)."""
+    if stage.needs is None:
+        return list(identities.values())
+    return [identities[name] for name in stage.needs if name in identities]
+
+
 def stale_stages(ctx: Context, stages: Sequence[Stage]) -> list[str]:
     """The stages whose marker is missing or was made from another configuration than now."""
-    stale, upstream = [], []
+    stale, identities = [], {}
     for stage in stages:
         marker = stage_done(ctx, stage)
         try:
             current = marker is not None and marker.get("fingerprint") == stage_fingerprint(
-                ctx, stage.command(ctx), upstream)
+                ctx, stage.command(ctx), stage_upstream(stage, identities))
         except DataError:  # its command needs an earlier stage's result that is missing
             current = False
         if not current:
             stale.append(stage.name)
-        upstream.append(marker_identity(marker))
+        identities[stage.name] = marker_identity(marker)
     return stale
+
+
+def can_run_beside(ctx: Context) -> bool:
+    """Two one-thread stages at once only where each gets a core of its own."""
+    threads = ctx.profile.get("torch_threads")
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return bool(threads) and cores >= 2 * threads
 
 
 def run_stages(ctx: Context, stages: Sequence[Stage], only: str | None = None, from_stage: str | None = None,
@@ -724,60 +753,128 @@ def run_stages(ctx: Context, stages: Sequence[Stage], only: str | None = None, f
 
     ``only`` reruns one stage, ``from_stage`` a stage and every later one; a stage that is rerun
     has its marker removed first, then its outputs (unless it resumes an interrupted start of
-    the same fingerprint), and gets its marker back only when its command succeeds.
+    the same fingerprint), and gets its marker back only when its command succeeds. A stage with
+    ``beside`` starts in the background with that stage when the cores allow it (its output goes
+    to ``<stages>/<name>.log``) and is waited for at its own place in the list.
     """
     names = [stage.name for stage in stages]
     chosen = only or from_stage
     if chosen and chosen not in names:
         raise DataError(f"unknown stage {chosen!r}; the stages are: {', '.join(names)}")
     first = names.index(chosen) if chosen else 0
-    upstream: list[str] = []
-    for index, stage in enumerate(stages):
-        marker = stage_done(ctx, stage)
-        if only and stage.name != only:
-            upstream.append(marker_identity(marker))
-            continue
+    identities: dict[str, str] = {}
+    background: dict[str, tuple[RunningStage, str]] = {}  # name -> (process, fingerprint)
+
+    def planned(index: int, stage: Stage) -> tuple[list[str], str, dict[str, Any] | None, bool]:
+        """Its command, fingerprint, marker and whether the flags force a rerun."""
+        argv = stage.command(ctx)
+        fingerprint = stage_fingerprint(ctx, argv, stage_upstream(stage, identities))
         forced = only is not None or (from_stage is not None and index >= first)
-        try:
-            argv = stage.command(ctx)
-        except DataError as error:  # a flag that comes from an earlier stage's result
-            if not dry_run:
-                raise
-            print(f"[{stage.name}] (command known once earlier stages ran: {error})")
-            upstream.append("pending")
-            continue
-        fingerprint = stage_fingerprint(ctx, argv, upstream)
-        if marker is not None and marker.get("fingerprint") == fingerprint and not forced:
-            print(f"--- [{stage.name}] done earlier (marker {marker_path(ctx, stage)})")
-            upstream.append(marker_identity(marker))
-            continue
-        if dry_run:
-            print(f"[{stage.name}] python {' '.join(argv)}")
-            upstream.append("pending")
-            continue
-        try:
-            started = read_json_if_present(started_path(ctx, stage))
-        except ValueError:
-            started = None
-        resume = not forced and marker is None and started is not None and started.get("fingerprint") == fingerprint
-        _remove(marker_path(ctx, stage))  # first: outputs being replaced never have a marker
-        if resume:
-            print(f"--- [{stage.name}] resuming an interrupted run of the same configuration")
-        else:
-            if marker is not None and not forced:
-                print(f"--- [{stage.name}] made with another configuration (profile, command or an earlier "
-                      f"stage changed): rerunning it")
-            clear_outputs(stage)
-        os.makedirs(ctx.paths.stages, exist_ok=True)
-        atomic_write_text(started_path(ctx, stage), json.dumps({"fingerprint": fingerprint}) + "\n")
-        try:
-            marker = run_stage(ctx, stage, python, argv=argv, fingerprint=fingerprint)
-        except StageFailed as error:
-            print(f"\n{error}", file=sys.stderr)
-            return 1
-        _remove(started_path(ctx, stage))
-        upstream.append(marker_identity(marker))
-    return 0
+        return argv, fingerprint, stage_done(ctx, stage), forced
+
+    def current(marker: Mapping[str, Any] | None, fingerprint: str) -> bool:
+        return marker is not None and marker.get("fingerprint") == fingerprint
+
+    def start_beside(name: str) -> None:
+        """Start in the background the stages to run beside stage ``name`` whose inputs are done."""
+        if only or dry_run or not can_run_beside(ctx):
+            return
+        for index, stage in enumerate(stages):
+            if stage.beside != name or stage.name in background or stage.needs is None:
+                continue
+            if any(names.index(need) >= names.index(name) for need in stage.needs if need in names):
+                continue  # it reads what has not been made yet
+            try:
+                argv, fingerprint, marker, forced = planned(index, stage)
+            except DataError:
+                continue
+            if forced or not current(marker, fingerprint):
+                prepare_rerun(ctx, stage, marker, fingerprint, forced)
+                log = os.path.join(ctx.paths.stages, f"{stage.name}.log")
+                background[stage.name] = (start_stage(ctx, stage, python, argv, log_path=log, beside=name),
+                                          fingerprint)
+
+    def finish_background(failed: bool) -> int:
+        """Wait for the background stages; their markers are written when they succeed."""
+        code = 1 if failed else 0
+        for name, (running, fingerprint) in list(background.items()):
+            if failed:
+                print(f"--- [{name}] waiting for it to finish (beside {running.beside})", flush=True)
+            try:
+                finish_stage(ctx, running, fingerprint)
+                _remove(started_path(ctx, running.stage))
+            except StageFailed as error:
+                print(f"\n{error}", file=sys.stderr)
+                code = 1
+            del background[name]
+        return code
+
+    try:
+        for index, stage in enumerate(stages):
+            if only and stage.name != only:
+                identities[stage.name] = marker_identity(stage_done(ctx, stage))
+                continue
+            if stage.name in background:  # started beside an earlier stage: wait for it here
+                running, fingerprint = background.pop(stage.name)
+                try:
+                    marker = finish_stage(ctx, running, fingerprint)
+                except StageFailed as error:
+                    print(f"\n{error}", file=sys.stderr)
+                    return finish_background(failed=True)
+                _remove(started_path(ctx, stage))
+                identities[stage.name] = marker_identity(marker)
+                continue
+            try:
+                argv, fingerprint, marker, forced = planned(index, stage)
+            except DataError as error:  # a flag that comes from an earlier stage's result
+                if not dry_run:
+                    raise
+                print(f"[{stage.name}] (command known once earlier stages ran: {error})")
+                identities[stage.name] = "pending"
+                continue
+            if current(marker, fingerprint) and not forced:
+                print(f"--- [{stage.name}] done earlier (marker {marker_path(ctx, stage)})")
+                identities[stage.name] = marker_identity(marker)
+                continue
+            if dry_run:
+                where = f" (beside {stage.beside}, when the cores allow)" if stage.beside else ""
+                print(f"[{stage.name}]{where} python {' '.join(argv)}")
+                identities[stage.name] = "pending"
+                continue
+            prepare_rerun(ctx, stage, marker, fingerprint, forced)
+            start_beside(stage.name)
+            try:
+                marker = finish_stage(ctx, start_stage(ctx, stage, python, argv), fingerprint)
+            except StageFailed as error:
+                print(f"\n{error}", file=sys.stderr)
+                return finish_background(failed=True)
+            _remove(started_path(ctx, stage))
+            identities[stage.name] = marker_identity(marker)
+        return 0
+    finally:
+        for running, _ in background.values():  # interrupted: the children got the signal too
+            running.process.wait()
+
+
+def prepare_rerun(ctx: Context, stage: Stage, marker: Mapping[str, Any] | None, fingerprint: str,
+                  forced: bool) -> None:
+    """Before a stage runs: its marker goes first (outputs being replaced never have one), then its
+    outputs unless it resumes an interrupted start of the same fingerprint; a started marker is left."""
+    try:
+        started = read_json_if_present(started_path(ctx, stage))
+    except ValueError:
+        started = None
+    resume = not forced and marker is None and started is not None and started.get("fingerprint") == fingerprint
+    _remove(marker_path(ctx, stage))
+    if resume:
+        print(f"--- [{stage.name}] resuming an interrupted run of the same configuration")
+    else:
+        if marker is not None and not forced:
+            print(f"--- [{stage.name}] made with another configuration (profile, command or an earlier "
+                  f"stage changed): rerunning it")
+        clear_outputs(stage)
+    os.makedirs(ctx.paths.stages, exist_ok=True)
+    atomic_write_text(started_path(ctx, stage), json.dumps({"fingerprint": fingerprint}) + "\n")
 
 
 def clear_outputs(stage: Stage) -> None:
@@ -791,28 +888,63 @@ def clear_outputs(stage: Stage) -> None:
             os.remove(path)
 
 
-def run_stage(ctx: Context, stage: Stage, python: str = sys.executable, argv: Sequence[str] | None = None,
-              fingerprint: str | None = None) -> dict[str, Any]:
-    """Run one stage (``argv``: its command, already built) as a subprocess in the repository
-    root; write its marker, with ``fingerprint``, on success."""
-    argv = [python, *(stage.command(ctx) if argv is None else argv)]
+@dataclass
+class RunningStage:
+    """A stage script started as a subprocess (``log_path``: where its output goes, None: ours)."""
+
+    stage: Stage
+    process: subprocess.Popen
+    printable: str
+    started_at: float
+    log_path: str | None = None
+    beside: str | None = None
+
+
+def start_stage(ctx: Context, stage: Stage, python: str, argv: Sequence[str], log_path: str | None = None,
+                beside: str | None = None) -> RunningStage:
+    """Start one stage (``argv``: its command) as a subprocess in the repository root, its output
+    appended to ``log_path`` when given (a rerun never truncates an earlier run's log)."""
     threads = None if stage.name in PARALLEL_STAGES else ctx.profile.get("torch_threads")
-    printable = (f"OMP_NUM_THREADS={threads} " if threads else "") + shlex.join(["python", *argv[1:]])
-    print(f"\n==> [{stage.name}] {stage.description}\n$ {printable}", flush=True)
-    start = time.perf_counter()
+    printable = (f"OMP_NUM_THREADS={threads} " if threads else "") + shlex.join(["python", *argv])
+    where = f" (beside {beside}; its output: {log_path})" if beside else ""
+    print(f"\n==> [{stage.name}] {stage.description}{where}\n$ {printable}", flush=True)
     env = dict(os.environ)
     if threads:
         env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
-    completed = subprocess.run(argv, cwd=REPO_ROOT, env=env)
-    seconds = time.perf_counter() - start
-    if completed.returncode != 0:
-        raise StageFailed(f"stage '{stage.name}' failed with exit code {completed.returncode} after "
-                          f"{seconds:.0f} s; rerun it with --only {stage.name} once fixed:\n$ {printable}")
-    record = {"stage": stage.name, "profile": ctx.profile_name, "command": printable, "fingerprint": fingerprint,
-              "seconds": round(seconds, 2), "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+    started_at = time.time()
+    if log_path is None:
+        process = subprocess.Popen([python, *argv], cwd=REPO_ROOT, env=env)
+    else:
+        os.makedirs(os.path.dirname(log_path), exist_ok=True)
+        with open(log_path, "a", encoding="utf-8") as log:
+            log.write(f"\n$ {printable}\n")
+            log.flush()
+            process = subprocess.Popen([python, *argv], cwd=REPO_ROOT, env=env, stdout=log,
+                                       stderr=subprocess.STDOUT)
+    return RunningStage(stage, process, printable, started_at, log_path, beside)
+
+
+def finish_stage(ctx: Context, running: RunningStage, fingerprint: str | None = None) -> dict[str, Any]:
+    """Wait for a started stage; write its marker, with ``fingerprint``, on success."""
+    code = running.process.wait()
+    ended_at = time.time()
+    seconds = ended_at - running.started_at
+    name = running.stage.name
+    if code != 0:
+        where = f" (its output: {running.log_path})" if running.log_path else ""
+        raise StageFailed(f"stage '{name}' failed with exit code {code} after {seconds:.0f} s{where}; "
+                          f"rerun it with --only {name} once fixed:\n$ {running.printable}")
+    if running.beside:
+        print(f"--- [{name}] (beside {running.beside}) finished in {seconds:.0f} s", flush=True)
+    record = {"stage": name, "profile": ctx.profile_name, "command": running.printable,
+              "fingerprint": fingerprint, "seconds": round(seconds, 2),
+              "started_at": round(running.started_at, 2), "ended_at": round(ended_at, 2),
+              "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
               "run_id": uuid.uuid4().hex[:12]}  # a rerun with the same command is still another input
+    if running.beside:
+        record["beside"] = running.beside
     os.makedirs(ctx.paths.stages, exist_ok=True)
-    atomic_write_text(marker_path(ctx, stage), json.dumps(record, indent=2))
+    atomic_write_text(marker_path(ctx, running.stage), json.dumps(record, indent=2))
     return record
 
 
