@@ -802,7 +802,6 @@ def run_stages(ctx: Context, stages: Sequence[Stage], only: str | None = None, f
                 print(f"--- [{name}] waiting for it to finish (beside {running.beside})", flush=True)
             try:
                 finish_stage(ctx, running, fingerprint)
-                _remove(started_path(ctx, running.stage))
             except StageFailed as error:
                 print(f"\n{error}", file=sys.stderr)
                 code = 1
@@ -816,39 +815,32 @@ def run_stages(ctx: Context, stages: Sequence[Stage], only: str | None = None, f
                 continue
             if stage.name in background:  # started beside an earlier stage: wait for it here
                 running, fingerprint = background.pop(stage.name)
+            else:
                 try:
-                    marker = finish_stage(ctx, running, fingerprint)
-                except StageFailed as error:
-                    print(f"\n{error}", file=sys.stderr)
-                    return finish_background(failed=True)
-                _remove(started_path(ctx, stage))
-                identities[stage.name] = marker_identity(marker)
-                continue
+                    argv, fingerprint, marker, forced = planned(index, stage)
+                except DataError as error:  # a flag that comes from an earlier stage's result
+                    if not dry_run:
+                        raise
+                    print(f"[{stage.name}] (command known once earlier stages ran: {error})")
+                    identities[stage.name] = "pending"
+                    continue
+                if current(marker, fingerprint) and not forced:
+                    print(f"--- [{stage.name}] done earlier (marker {marker_path(ctx, stage)})")
+                    identities[stage.name] = marker_identity(marker)
+                    continue
+                if dry_run:
+                    where = f" (beside {stage.beside}, when the cores allow)" if stage.beside else ""
+                    print(f"[{stage.name}]{where} python {' '.join(argv)}")
+                    identities[stage.name] = "pending"
+                    continue
+                prepare_rerun(ctx, stage, marker, fingerprint, forced)
+                start_beside(stage.name)
+                running = start_stage(ctx, stage, python, argv)
             try:
-                argv, fingerprint, marker, forced = planned(index, stage)
-            except DataError as error:  # a flag that comes from an earlier stage's result
-                if not dry_run:
-                    raise
-                print(f"[{stage.name}] (command known once earlier stages ran: {error})")
-                identities[stage.name] = "pending"
-                continue
-            if current(marker, fingerprint) and not forced:
-                print(f"--- [{stage.name}] done earlier (marker {marker_path(ctx, stage)})")
-                identities[stage.name] = marker_identity(marker)
-                continue
-            if dry_run:
-                where = f" (beside {stage.beside}, when the cores allow)" if stage.beside else ""
-                print(f"[{stage.name}]{where} python {' '.join(argv)}")
-                identities[stage.name] = "pending"
-                continue
-            prepare_rerun(ctx, stage, marker, fingerprint, forced)
-            start_beside(stage.name)
-            try:
-                marker = finish_stage(ctx, start_stage(ctx, stage, python, argv), fingerprint)
+                marker = finish_stage(ctx, running, fingerprint)
             except StageFailed as error:
                 print(f"\n{error}", file=sys.stderr)
                 return finish_background(failed=True)
-            _remove(started_path(ctx, stage))
             identities[stage.name] = marker_identity(marker)
         return 0
     finally:
@@ -925,7 +917,8 @@ def start_stage(ctx: Context, stage: Stage, python: str, argv: Sequence[str], lo
 
 
 def finish_stage(ctx: Context, running: RunningStage, fingerprint: str | None = None) -> dict[str, Any]:
-    """Wait for a started stage; write its marker, with ``fingerprint``, on success."""
+    """Wait for a started stage; on success write its marker, with ``fingerprint``, and remove its
+    started marker (the one that lets an interrupted start resume)."""
     code = running.process.wait()
     ended_at = time.time()
     seconds = ended_at - running.started_at
@@ -945,6 +938,7 @@ def finish_stage(ctx: Context, running: RunningStage, fingerprint: str | None = 
         record["beside"] = running.beside
     os.makedirs(ctx.paths.stages, exist_ok=True)
     atomic_write_text(marker_path(ctx, running.stage), json.dumps(record, indent=2))
+    _remove(started_path(ctx, running.stage))
     return record
 
 
