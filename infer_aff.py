@@ -205,21 +205,22 @@ def run(args: argparse.Namespace) -> int:
         setup_logging(os.path.join(args.out_rw, "infer_aff.log"), dist.is_main)
         args.precision = resolve_precision(args.precision, device)  # recorded with the outputs
         record = OutputRecord("infer_aff", args, lambda image_id: [os.path.join(args.out_rw, f"{image_id}.png")])
-        if dist.is_main:
-            save_config(args, os.path.join(args.out_rw, "infer_aff_config.json"))
         logger.info("configuration: %s", config_dict(args))
         info = get_dataset_info(args.dataset, args.voc12_root)
         infer_list = args.infer_list or info.list_path("train")
         ids = shard_list(read_id_list(infer_list), args.shard, dist)
+        if record.pending(ids):  # read while the record digests the weights
+            model = load_for_inference(lambda width: build_model("affinity", width_mult=width, radius=args.radius),
+                                       args.weights, args.width_mult, device)
+            model = inference_layout(model, device, args.precision)
         todo = record.start(ids)
+        if dist.is_main:
+            save_config(args, os.path.join(args.out_rw, "infer_aff_config.json"))
         logger.info("%d of %d images to do (%d already done)", len(todo), len(ids), len(ids) - len(todo))
         if not todo:
             return 0
         dataset = RandomWalkDataset(info, todo, args.cam_dir, source=infer_list, one_based=args.walk_from == "crf",
                                     scale=args.scale)
-        model = load_for_inference(lambda width: build_model("affinity", width_mult=width, radius=args.radius),
-                                   args.weights, args.width_mult, device)
-        model = inference_layout(model, device, args.precision)
 
         results = run_images(dataset, lambda items: [walk_scores(model, items[0], info.num_classes, args, device)],
                              functools.partial(write_rw_label, args), device=device, threads=args.threads,

@@ -215,6 +215,39 @@ def msa_inference(args: argparse.Namespace, name: str, saved: dict, info: Datase
     return infer, dataset
 
 
+def seed_inference(args: argparse.Namespace, info: DatasetInfo, todo: list[str], infer_list: str,
+                   device: torch.device) -> tuple[Callable[[list[dict]], list[tuple[ImageCams, tuple | None]]],
+                                                  MultiScaleDataset]:
+    """The per-batch inference of the checkpoint's method and its dataset of the ``todo`` images."""
+    loaded = read_weights(args.weights)
+    saved = saved_args(loaded)
+    name = resolve_method(args.method, saved, args.weights)
+    if (args.out_is_cam or args.out_cam_bg) and (name in MSA_METHODS or METHODS[name].fusion != "sipe"):
+        raise DataError(f"{args.weights}: --out_is_cam / --out_cam_bg need a SIPE-family checkpoint (a method "
+                        f"with its own background), this is {name}")
+    if name in MSA_METHODS:
+        return msa_inference(args, name, saved, info, todo, infer_list, loaded, device)
+    method = METHODS[name]
+    backbone = saved.get("backbone") or method.backbones[0]
+    model = load_for_inference(lambda width: build_network(method, info.num_classes, backbone, width),
+                               args.weights, args.width_mult, device, loaded=loaded)
+    model = inference_layout(model, device, args.precision)
+    logger.info("%s (%s) from %s", method.name, backbone, args.weights)
+    dataset = MultiScaleDataset(info, todo, info.load_cls_labels(), scales=args.scales or method.scales,
+                                source=infer_list)
+    picture_affinity = bool(args.out_vis) and method.fusion == "seam"
+
+    def infer(items: list[dict]) -> list[tuple[ImageCams, tuple | None]]:
+        with inference_autocast(device, args.precision):
+            cams = image_cams_many(method, model, [item["views"] for item in items],
+                                   [item["label"].numpy() for item in items],
+                                   [item["image"].shape[:2] for item in items], device,
+                                   args.seam_cam_norm, amp=args.precision == "bf16")
+            return [(image_cams, pcm_affinity(model, item, device) if picture_affinity else None)
+                    for item, image_cams in zip(items, cams)]
+    return infer, dataset
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     dist = setup_distributed()
@@ -224,42 +257,18 @@ def main(argv: Sequence[str] | None = None) -> None:
                                                    args.out_is_cam, args.out_cam_bg) if p)
         setup_logging(os.path.join(log_dir, "infer_seed.log"), dist.is_main)
         record = OutputRecord("infer_seed", args, lambda image_id: output_paths(args, image_id))
-        if dist.is_main:
-            save_config(args, os.path.join(log_dir, "infer_seed_config.json"))
         info = get_dataset_info(args.dataset, args.voc12_root)
         infer_list = args.infer_list or info.list_path("train")
         ids = shard_list(read_id_list(infer_list), args.shard, dist)
+        todo = record.pending(ids)
+        if todo:  # the model is read while the record digests the weights
+            infer, dataset = seed_inference(args, info, todo, infer_list, dist.device)
         todo = record.start(ids)
+        if dist.is_main:
+            save_config(args, os.path.join(log_dir, "infer_seed_config.json"))
         logger.info("%d of %d images to do (%d already done)", len(todo), len(ids), len(ids) - len(todo))
         if not todo:
             return
-        loaded = read_weights(args.weights)
-        saved = saved_args(loaded)
-        name = resolve_method(args.method, saved, args.weights)
-        if (args.out_is_cam or args.out_cam_bg) and (name in MSA_METHODS or METHODS[name].fusion != "sipe"):
-            raise DataError(f"{args.weights}: --out_is_cam / --out_cam_bg need a SIPE-family checkpoint (a method "
-                            f"with its own background), this is {name}")
-        if name in MSA_METHODS:
-            infer, dataset = msa_inference(args, name, saved, info, todo, infer_list, loaded, dist.device)
-        else:
-            method = METHODS[name]
-            backbone = saved.get("backbone") or method.backbones[0]
-            model = load_for_inference(lambda width: build_network(method, info.num_classes, backbone, width),
-                                       args.weights, args.width_mult, dist.device, loaded=loaded)
-            model = inference_layout(model, dist.device, args.precision)
-            logger.info("%s (%s) from %s", method.name, backbone, args.weights)
-            dataset = MultiScaleDataset(info, todo, info.load_cls_labels(), scales=args.scales or method.scales,
-                                        source=infer_list)
-            picture_affinity = bool(args.out_vis) and method.fusion == "seam"
-
-            def infer(items: list[dict]) -> list[tuple[ImageCams, tuple | None]]:
-                with inference_autocast(dist.device, args.precision):
-                    cams = image_cams_many(method, model, [item["views"] for item in items],
-                                           [item["label"].numpy() for item in items],
-                                           [item["image"].shape[:2] for item in items], dist.device,
-                                           args.seam_cam_norm, amp=args.precision == "bf16")
-                    return [(image_cams, pcm_affinity(model, item, dist.device) if picture_affinity else None)
-                            for item, image_cams in zip(items, cams)]
 
         def finish(item: dict, inferred: tuple[ImageCams, tuple | None]) -> str:
             return write_seed_outputs(args, info.num_classes, item, *inferred)

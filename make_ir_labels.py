@@ -57,14 +57,14 @@ def run(args: argparse.Namespace) -> int:
         setup_logging(os.path.join(args.out_ir_label, "make_ir_labels.log"), dist.is_main)
         record = OutputRecord("make_ir_labels", args,
                               lambda image_id: [os.path.join(args.out_ir_label, f"{image_id}.png")])
-        if dist.is_main:
-            save_config(args, os.path.join(args.out_ir_label, "make_ir_labels_config.json"))
         logger.info("configuration: %s", config_dict(args))
         info = get_dataset_info(args.dataset, args.voc12_root)
         variant = get_ir_variant(args.variant)
         infer_list = args.infer_list or info.list_path("train_aug")
         ids = shard_list(read_id_list(infer_list), args.shard, dist)
         todo = record.start(ids)
+        if dist.is_main:
+            save_config(args, os.path.join(args.out_ir_label, "make_ir_labels_config.json"))
         logger.info("%d of %d images to do (%d already done)", len(todo), len(ids), len(ids) - len(todo))
         if not todo:
             return 0

@@ -94,14 +94,14 @@ def run(args: argparse.Namespace) -> int:
         args.precision = resolve_precision(args.precision, dist.device)  # recorded with the outputs
         setup_logging(os.path.join(args.out_dir, "make_seg_labels.log"), dist.is_main)
         record = OutputRecord("make_seg_labels", args, lambda image_id: [os.path.join(args.out_dir, f"{image_id}.png")])
-        if dist.is_main:
-            save_config(args, os.path.join(args.out_dir, "make_seg_labels_config.json"))
         logger.info("configuration: %s", config_dict(args))
         info = get_dataset_info(args.dataset, args.voc12_root)
         variant = SEG_LABEL_VARIANTS[args.variant]
         infer_list = args.infer_list or info.list_path("train")
         ids = shard_list(read_id_list(infer_list), args.shard, dist)
         todo = record.start(ids)
+        if dist.is_main:
+            save_config(args, os.path.join(args.out_dir, "make_seg_labels_config.json"))
         logger.info("%d of %d images to do (%d already done)", len(todo), len(ids), len(ids) - len(todo))
         if not todo:
             return 0

@@ -44,7 +44,7 @@ from tqdm import tqdm
 import evaluation
 from network.deeplabv2 import CAFFE_MEAN_BGR, to_input_convention
 from network.segmenters import Segmenter, arch_of, get_segmenter
-from network.weights import checkpoint_info, load_for_inference
+from network.weights import checkpoint_info, load_for_inference, read_weights
 from tool import transforms as T
 from tool.cli import (add_dataset_args, add_inference_model_args, add_overwrite_arg, add_parallel_args, add_shard_args,
                       non_negative_int, positive_float, run_cli, shard_list)
@@ -228,10 +228,11 @@ def evaluate_if_possible(args: argparse.Namespace, info: DatasetInfo, ids: Seque
     return results
 
 
-def checkpoint_segmenter(weights: str) -> tuple[Segmenter, str]:
-    """The segmenter of a checkpoint and the input convention it was trained with (a release of
-    the reference, without flags, expects the Caffe one); logs both with the init."""
-    saved, keys = checkpoint_info(weights)
+def checkpoint_segmenter(weights: str, loaded: object) -> tuple[Segmenter, str]:
+    """The segmenter of a checkpoint (``loaded``: its content, :func:`read_weights`) and the input
+    convention it was trained with (a release of the reference, without flags, expects the Caffe
+    one); logs both with the init."""
+    saved, keys = checkpoint_info(weights, loaded)
     segmenter = get_segmenter(arch_of(saved, keys))
     default = "caffe_bgr" if not saved and segmenter.name == "deeplabv2_resnet101" else "torchvision"
     convention = str(saved.get("input_convention", default))
@@ -249,17 +250,21 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
         info = get_dataset_info(args.dataset, args.voc12_root)
         shard_ids = shard_list(read_id_list(args.infer_list), args.shard, None)
         my_ids = shard_list(shard_ids, None, dist)
-        todo = OutputRecord("test_deeplab", args,
-                            lambda image_id: output_paths(args.out_dir, image_id, args.submission)).start(my_ids)
+        record = OutputRecord("test_deeplab", args,
+                              lambda image_id: output_paths(args.out_dir, image_id, args.submission))
+        if record.pending(my_ids):  # the model is read while the record digests the weights
+            loaded = read_weights(args.weights)
+            segmenter, convention = checkpoint_segmenter(args.weights, loaded)
+            model = load_for_inference(segmenter.build_for_inference(info.num_classes), args.weights,
+                                       args.width_mult, dist.device, loaded=loaded)
+            model = inference_layout(model, dist.device, args.precision)
+            del loaded  # copied into the model; not held through the run
+        todo = record.start(my_ids)
         logger.info("%d images in this part of %s, %d already done", len(my_ids), args.infer_list,
                     len(my_ids) - len(todo))
         if todo:
-            segmenter, convention = checkpoint_segmenter(args.weights)
             scales = args.scales or segmenter.test.scales
             flip = segmenter.test.flip if args.flip is None else args.flip
-            model = load_for_inference(segmenter.build_for_inference(info.num_classes), args.weights,
-                                       args.width_mult, dist.device)
-            model = inference_layout(model, dist.device, args.precision)
             crf_mode = "reference" if args.crf_image == "reference" else segmenter.test.crf_channels
             dataset = DeepLabTestDataset(info, todo, scales, flip, source=args.infer_list)
 

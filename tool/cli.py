@@ -7,7 +7,10 @@ script states its defaults in one call and no flag is re-declared with drifting 
 from __future__ import annotations
 
 import argparse
+import atexit
 import errno
+import logging
+import os
 import sys
 from typing import Any, Callable, Sequence, TypeVar
 
@@ -212,5 +215,23 @@ def main_exit_code(main: Callable[[Sequence[str] | None], Any], argv: Sequence[s
 
 
 def run_cli(main: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | None = None) -> None:
-    """A script's entry point: exit with ``main_exit_code(main, argv)``."""
-    sys.exit(main_exit_code(main, argv))
+    """A script's entry point: exit with ``main_exit_code(main, argv)``.
+
+    From the command line (``argv`` None) the process ends without the interpreter's teardown:
+    after a torch script it spends 0.6-0.9 s freeing objects one by one that the OS frees at
+    once (measured: ``python -c "import torch"`` 3.5 s, 2.8 s this way). Every output is written
+    and closed before ``main`` returns; the exit handlers still run (logging's flush and close,
+    multiprocessing's and concurrent.futures' joins) and the standard streams are flushed.
+    With ``argv`` given (a test, a caller in the same process) it raises ``SystemExit`` as usual.
+    """
+    code = main_exit_code(main, argv)
+    if argv is not None:
+        sys.exit(code)
+    atexit._run_exitfuncs()
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe or stream: nothing left to write to
+            pass
+    os._exit(code)
